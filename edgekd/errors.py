@@ -1,0 +1,10 @@
+"""User-facing errors: one line naming the problem and the fix."""
+
+
+class EdgekdError(Exception):
+    """Bad input or environment. The message is shown to the user as a single line, without traceback."""
+
+    def __init__(self, message: str):
+        if "\n" in message:
+            raise ValueError("EdgekdError messages must be one line")
+        super().__init__(message)
