@@ -1,0 +1,207 @@
+"""The Python API the CLI is a thin layer over; notebook users call these directly."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data.datamodule import DataModule, load_data
+from .distill import METHODS, Distiller
+from .errors import EdgekdError
+from .models import create_model, get_model_info
+from .targets import Target, load_target
+from .train.checkpoint import file_sha256, load_model
+from .train.distributed import DistEnv, barrier, init_distributed, shutdown
+from .train.phases import Phase
+from .train.trainer import Runtime, Trainer, make_runtime
+
+DEFAULT_RESOLUTION = 32
+DEFAULT_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything a run derives from its config before training starts (all validated, nothing written)."""
+
+    config: TrainConfig
+    target: Target | None
+    resolution: int
+    channels: int
+    model_options: dict[str, Any]
+
+
+def resolve(config: TrainConfig) -> Resolved:
+    target = load_target(config.target) if config.target else None
+    resolution = config.resolution or (target.input.resolution if target else DEFAULT_RESOLUTION)
+    channels = config.channels or (target.input.channels if target else DEFAULT_CHANNELS)
+    model_options = dict(target.model_options) if target else {}
+    METHODS.get(config.method)  # unknown method: fail before anything is loaded
+    return Resolved(config, target, resolution, channels, model_options)
+
+
+def build_student(config: TrainConfig, resolved: Resolved, num_classes: int) -> nn.Module:
+    options = {**resolved.model_options, **config.student_options}
+    return create_model(config.student, num_classes, in_chans=resolved.channels,
+                        input_size=resolved.resolution, **options)
+
+
+def is_checkpoint_source(source: str) -> bool:
+    return source.endswith((".pt", ".pth")) or Path(source).is_dir() or "/" in source
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    console=None,
+    on_step: Callable[[Trainer, int], None] | None = None,
+) -> dict:
+    """Train (teacher if needed, then student with `config.method`) into `config.run_dir`; returns the summary.
+
+    With `resume=True` the run continues from its last checkpoint (its saved config is used as is).
+    Under torchrun every process calls this; only rank 0 writes files.
+    """
+    run_dir = Path(config.run_dir)
+    if resume:
+        config = TrainConfig.load(run_dir / "config.yaml").replace(run_dir=str(run_dir))
+    elif (run_dir / "config.yaml").exists():
+        raise EdgekdError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --run-dir")
+    resolved = resolve(config)
+    method_cls = METHODS.get(config.method)
+    options = method_cls.Options.from_strings(config.method_options)
+    if method_cls.requires_teacher and not config.teacher:
+        raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")
+
+    dist = DistEnv()
+    started = time.time()
+    runtime = make_runtime(config.device, config.amp, config.channels_last, init_distributed(
+        config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
+    dist = runtime.dist
+    try:
+        data = load_data(config.data, resolution=resolved.resolution, channels=resolved.channels,
+                         seed=config.seed, val_fraction=config.val_fraction, limit=config.limit)
+        num_classes = data.info.num_classes
+        torch.manual_seed(config.seed)
+        student = build_student(config, resolved, num_classes)
+        teacher_source = _check_teacher(config, resolved, num_classes) if method_cls.requires_teacher else None
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+        barrier(dist)
+
+        teacher_info = None
+        teacher = None
+        if teacher_source is not None:
+            teacher, teacher_info = _prepare_teacher(config, resolved, data, runtime, teacher_source, console)
+        distiller: Distiller = method_cls(student, teacher, options)
+        phases = distiller.phases(config.epochs, config.optim)
+        if console is not None and dist.is_main:
+            extras = sum(p.numel() for p in distiller.extra_parameters())
+            console.print(
+                f"student {config.student} ({_count(student):,} params) <- method {config.method}"
+                + (f" from teacher {teacher_info['name']}" if teacher_info else "")
+                + (f"; method adds {extras:,} training-only params" if extras else "")
+                + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
+            )
+        trainer = _trainer(run_dir, data, runtime, config, console, on_step)
+        result = trainer.fit(phases, resume=resume)
+        summary = {
+            "run_dir": str(run_dir),
+            "student": student.model_config,
+            "method": config.method,
+            "method_options": options.__dict__,
+            "teacher": teacher_info,
+            "target": resolved.target.name if resolved.target else None,
+            "resolution": resolved.resolution,
+            "channels": resolved.channels,
+            "data": data.describe(),
+            **result,
+            "epochs": config.epochs,
+            "global_batch": config.batch_size,
+            "world_size": dist.world_size,
+            "device": str(runtime.device),
+            "amp": str(runtime.amp_dtype) if runtime.amp_dtype else None,
+            "wall_seconds": time.time() - started,
+            "checkpoint_sha256": file_sha256(run_dir / "best.pt"),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        }
+        if dist.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        shutdown(dist)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainConfig, console, on_step) -> Trainer:
+    return Trainer(run_dir, data, runtime, batch_size=config.batch_size, micro_batches=config.micro_batches,
+                   augment=config.augment, seed=config.seed, checkpoint_interval_s=config.checkpoint_interval_s,
+                   console=console, on_step=on_step)
+
+
+def _check_teacher(config: TrainConfig, resolved: Resolved, num_classes: int) -> str:
+    """Validates the teacher source up front so a bad teacher fails before anything is written."""
+    source = config.teacher
+    if is_checkpoint_source(source):
+        load_model(Path(source), num_classes=num_classes)  # class count and architecture checked here
+        return source
+    info = get_model_info(source)  # unknown model: did-you-mean error
+    if config.teacher_epochs == 0:
+        raise EdgekdError(f"teacher '{source}' would be untrained: set --teacher-epochs > 0 or pass a trained checkpoint")
+    if config.teacher_pretrained and not info.pretrained_available:
+        raise EdgekdError(f"no offline pretrained weights for '{source}': use --teacher efficientnet_lite0 or drop --teacher-pretrained")
+    return source
+
+
+def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, runtime: Runtime,
+                     source: str, console) -> tuple[nn.Module, dict]:
+    if is_checkpoint_source(source):
+        teacher, payload = load_model(Path(source), num_classes=data.info.num_classes)
+        info = {"name": payload["model_config"]["name"], "source": source,
+                "test_acc": payload.get("metrics", {}).get("test_acc"),
+                "checkpoint_sha256": file_sha256(Path(source) / "best.pt" if Path(source).is_dir() else Path(source))}
+        _warn_normalisation(payload.get("data", {}), data, console)
+        return teacher, info
+    teacher_dir = Path(config.run_dir) / "teacher"
+    summary_path = teacher_dir / "summary.json"
+    if summary_path.exists():
+        teacher, _ = load_model(teacher_dir, num_classes=data.info.num_classes)
+        return teacher, json.loads(summary_path.read_text())
+    options = {**resolved.model_options, **config.teacher_options}
+    torch.manual_seed(config.seed)
+    teacher = create_model(source, data.info.num_classes, in_chans=resolved.channels,
+                           input_size=resolved.resolution, pretrained=config.teacher_pretrained, **options)
+    if console is not None and runtime.dist.is_main:
+        console.print(f"training teacher {source} ({_count(teacher):,} params) for {config.teacher_epochs} epochs")
+    ce = METHODS.get("ce")(teacher, None, METHODS.get("ce").Options())
+    phase = Phase("teacher", config.teacher_epochs, ce, list(teacher.parameters()), config.teacher_optim)
+    trainer = _trainer(teacher_dir, data, runtime, config, console, None)
+    result = trainer.fit([phase], resume=(teacher_dir / "last.pt").exists())
+    info = {"name": source, "source": "trained in this run", "pretrained": config.teacher_pretrained,
+            "model_config": teacher.model_config, **result}
+    if runtime.dist.is_main:
+        summary_path.write_text(json.dumps(info, indent=2) + "\n")
+    barrier(runtime.dist)
+    teacher, _ = load_model(teacher_dir, num_classes=data.info.num_classes)  # the best epoch, not the last
+    return teacher, info
+
+
+def _warn_normalisation(teacher_data: dict, data: DataModule, console) -> None:
+    if console is None or not teacher_data:
+        return
+    if teacher_data.get("mean") and list(teacher_data["mean"]) != list(data.mean):
+        console.print(f"[yellow]note: the teacher was trained with input mean {teacher_data['mean']}, this run uses {list(data.mean)}[/]")
+
+
+def list_methods() -> list[tuple[str, str, bool]]:
+    return [(name, METHODS.get(name).description, METHODS.get(name).requires_teacher) for name in METHODS.names()]

@@ -1,0 +1,241 @@
+"""Command line: parse, call edgekd.api, print. No logic lives here."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .errors import EdgekdError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def friendly_errors(fn):
+    """Bad input ends in one line naming the problem and the fix, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .train.trainer import TrainingInterrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except EdgekdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _key_values(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EdgekdError(f"{flag} expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _typed(values: dict[str, str]) -> dict:
+    """Model options from the command line: YAML scalars (true, 0.5, 3) become typed values."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in values.items()}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgekd")
+def main():
+    """edgekd: distill tiny image classifiers for edge devices."""
+
+
+# options that --resume forbids, mapped to TrainConfig fields
+TRAIN_FIELDS = {
+    "target": "target", "data": "data", "student": "student", "teacher": "teacher", "method": "method",
+    "epochs": "epochs", "teacher_epochs": "teacher_epochs", "batch_size": "batch_size",
+    "resolution": "resolution", "channels": "channels", "limit": "limit", "seed": "seed", "device": "device",
+    "micro_batches": "micro_batches", "run_dir": "run_dir", "teacher_pretrained": "teacher_pretrained",
+}
+
+
+@main.command()
+@click.option("--target", help="Device target (see `edgekd targets list`): sets resolution, channels, model options.")
+@click.option("--data", help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
+@click.option("--student", help="Student architecture (see `edgekd models`).")
+@click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1.")
+@click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
+@click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
+@click.option("--teacher-epochs", type=int, help="Epochs to train a zoo teacher on the data.")
+@click.option("--method", help="Distillation method (see `edgekd methods`).")
+@click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. temperature=4 alpha=0.9 label_smoothing=0.1.")
+@click.option("--epochs", type=int, help="Student training epochs.")
+@click.option("--batch-size", type=int, help="Global batch size (split across processes under torchrun).")
+@click.option("--micro-batches", type=int, help="Split each batch into this many forward passes (gradient accumulation).")
+@click.option("--lr", type=float, help="Peak learning rate of the student phase(s).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Optimizer of the student phase(s).")
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-epochs", type=float)
+@click.option("--grad-clip", type=float, help="Clip the global gradient norm (0: off).")
+@click.option("--resolution", type=int, help="Input size in pixels (default: the target's).")
+@click.option("--channels", type=click.IntRange(1, 3), help="Input channels, 1 or 3 (default: the target's).")
+@click.option("--limit", type=int, help="Use at most this many training images (quick runs).")
+@click.option("--no-augment", is_flag=True, default=None, help="Disable random crop/flip.")
+@click.option("--seed", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--no-amp", is_flag=True, default=None, help="Full precision on CUDA.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML with TrainConfig keys; flags override it.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run is written (default runs/<student>-<method>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue an interrupted run from its last checkpoint.")
+@click.pass_context
+@friendly_errors
+def train(ctx, **kw):
+    """Train a student (and its teacher, if it needs training) with a distillation method."""
+    from . import api
+    from .config import OptimConfig, TrainConfig
+
+    console = _console()
+    given = [name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if kw["resume_dir"] is not None:
+        extra = [n for n in given if n != "resume_dir"]
+        if extra:
+            raise EdgekdError(f"--resume uses the run's saved config; drop --{extra[0].replace('_', '-')}")
+        summary = api.train(TrainConfig(run_dir=str(kw["resume_dir"])), resume=True, console=console)
+        _print_summary(console, summary)
+        return
+
+    base = TrainConfig.load(kw["config_file"]) if kw["config_file"] else TrainConfig()
+    changes = {field: kw[name] for name, field in TRAIN_FIELDS.items() if kw.get(name) is not None}
+    if changes.get("teacher") == "none":
+        changes["teacher"] = None
+    if "run_dir" in changes:
+        changes["run_dir"] = str(changes["run_dir"])
+    else:
+        changes["run_dir"] = str(_default_run_dir(changes.get("student", base.student), changes.get("method", base.method)))
+    if kw["no_augment"]:
+        changes["augment"] = False
+    if kw["no_amp"]:
+        changes["amp"] = False
+    if kw["student_opts"]:
+        changes["student_options"] = {**base.student_options, **_typed(_key_values(kw["student_opts"], "--student-opt"))}
+    if kw["method_opts"]:
+        changes["method_options"] = {**base.method_options, **_key_values(kw["method_opts"], "--opt")}
+    optim = {k: kw[k] for k in ("lr", "optimizer", "weight_decay", "warmup_epochs", "grad_clip") if kw[k] is not None}
+    if optim:
+        changes["optim"] = OptimConfig(**{**base.optim.__dict__, **optim})
+    config = base.replace(**changes)
+    summary = api.train(config, console=console)
+    _print_summary(console, summary)
+
+
+def _default_run_dir(student: str, method: str) -> Path:
+    """runs/<student>-<method>, numbered so an earlier run is never overwritten."""
+    base = Path("runs") / f"{student}-{method}"
+    candidate, n = base, 1
+    while (candidate / "config.yaml").exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _print_summary(console, summary: dict) -> None:
+    if summary.get("world_size", 1) > 1 and summary.get("rank", 0) != 0:
+        return
+    teacher = summary.get("teacher")
+    if teacher and teacher.get("test_acc") is not None:
+        console.print(f"teacher {teacher['name']}: test accuracy {teacher['test_acc']:.4f}")
+    console.print(
+        f"[bold]student {summary['student']['name']}[/] ({summary['parameters']:,} params), method {summary['method']}: "
+        f"test accuracy {summary['test_acc']:.4f} (best val {summary['val_acc']:.4f} at epoch {summary['best_epoch'] + 1})"
+        if summary.get("best_epoch") is not None else
+        f"student {summary['student']['name']}: test accuracy {summary['test_acc']:.4f}"
+    )
+    console.print(f"run written to {summary['run_dir']} (best.pt, last.pt, metrics.jsonl, summary.json)")
+
+
+@main.group()
+def targets():
+    """Device targets (targets/*.yaml)."""
+
+
+@targets.command("list")
+@friendly_errors
+def targets_list():
+    """One line per target."""
+    from rich.table import Table
+
+    from .targets import list_targets
+
+    table = Table("name", "runtime", "format/precision", "RAM", "flash", "input", "latency budget")
+    for t in list_targets():
+        table.add_row(t.name, t.runtime, f"{t.export.format}/{t.export.precision}", _bytes(t.memory.ram_bytes),
+                      _bytes(t.memory.flash_bytes), f"{t.input.resolution}px x{t.input.channels}", f"{t.latency_budget_ms:g} ms")
+    _console().print(table)
+
+
+@targets.command("show")
+@click.argument("name")
+@friendly_errors
+def targets_show(name):
+    """All specs of one target, with where they come from (see the YAML's comments)."""
+    from rich.table import Table
+
+    from .targets import load_target
+
+    target = load_target(name)
+    table = Table(title=f"{target.name}: {target.description}", show_header=False)
+    for label, value in target.summary_rows():
+        table.add_row(label, value)
+    console = _console()
+    console.print(table)
+    console.print(f"sources: comments in {target.source_path}")
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["student", "teacher"]), help="Only models registered for this role.")
+@friendly_errors
+def models(role):
+    """Registered architectures."""
+    from rich.table import Table
+
+    from .models import list_models
+
+    table = Table("name", "family", "role", "pretrained", "description")
+    for info in list_models():
+        if role is None or info.role == role:
+            table.add_row(info.name, info.family, info.role, "yes" if info.pretrained_available else "", info.description)
+    _console().print(table)
+
+
+@main.command()
+@friendly_errors
+def methods():
+    """Registered distillation methods."""
+    from rich.table import Table
+
+    from .api import list_methods
+
+    table = Table("name", "needs teacher", "description")
+    for name, description, needs_teacher in list_methods():
+        table.add_row(name, "yes" if needs_teacher else "no", description)
+    _console().print(table)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    main()

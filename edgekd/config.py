@@ -1,0 +1,117 @@
+"""Training configuration: typed dataclasses, strict YAML round-trip (unknown keys are errors)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import EdgekdError
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05  # for a global batch of 128; scale linearly for other batch sizes
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+
+    def __post_init__(self):
+        _choice("optimizer", self.optimizer, ("sgd", "adamw"))
+        _choice("schedule", self.schedule, ("cosine", "constant"))
+        if self.lr <= 0:
+            raise EdgekdError(f"learning rate must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise EdgekdError("weight_decay, warmup_epochs and grad_clip must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    data: str = "fashion-mnist"
+    target: str | None = None  # sets resolution, channels and model options
+    resolution: int | None = None  # None: the target's, else 32
+    channels: int | None = None  # None: the target's, else 3
+    limit: int | None = None  # cap on training images (quick runs)
+    val_fraction: float = 0.1
+    student: str = "mobilenetv3_small_050"
+    student_options: dict = field(default_factory=dict)
+    teacher: str | None = "resnet18"  # zoo name (trained first), checkpoint path or run dir; None: no teacher
+    teacher_options: dict = field(default_factory=dict)
+    teacher_pretrained: bool = False  # start the teacher from offline ImageNet weights (efficientnet_lite0)
+    teacher_epochs: int = 10
+    teacher_optim: OptimConfig = field(default_factory=OptimConfig)
+    method: str = "kd"
+    method_options: dict = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split across DDP ranks
+    micro_batches: int = 1  # gradient accumulation: the global batch is split into this many forward passes
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
+    channels_last: bool = True  # on CUDA
+    checkpoint_interval_s: float = 300.0  # mid-epoch checkpoints at most this often
+
+    def __post_init__(self):
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("epochs", "batch_size", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise EdgekdError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.teacher_epochs < 0:
+            raise EdgekdError(f"teacher_epochs must be >= 0, got {self.teacher_epochs}")
+        if self.batch_size % self.micro_batches:
+            raise EdgekdError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
+        if self.limit is not None and self.limit < 1:
+            raise EdgekdError(f"limit must be >= 1, got {self.limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return _build(cls, data, source)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise EdgekdError(f"{path} does not exist: pass a run directory written by `edgekd train`") from None
+        except yaml.YAMLError as e:
+            raise EdgekdError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix or delete it") from None
+        if not isinstance(data, dict):
+            raise EdgekdError(f"{path} must hold a mapping of config keys")
+        return cls.from_dict(data, str(path))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise EdgekdError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+
+
+def _build(cls, data: dict[str, Any], source: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise EdgekdError(f"{source}: unknown key '{key}'{hint}")
+        if known[key].type in ("OptimConfig", OptimConfig) and isinstance(value, dict):
+            value = _build(OptimConfig, value, f"{source}:{key}")
+        kwargs[key] = value
+    return cls(**kwargs)

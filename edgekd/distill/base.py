@@ -1,0 +1,169 @@
+"""The Distiller contract every method implements.
+
+A Distiller wraps a student and (optionally) a teacher. `forward(x, y)` returns the training loss, the student
+logits and the named loss terms. The teacher is frozen and stays in eval mode whatever `train()` is called
+with; features are tapped with forward hooks by module path, so zoo models are never edited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import EdgekdError
+
+
+@dataclass
+class DistillOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FeatureTaps:
+    """Collects the outputs of modules given by path (as in `named_modules()`) on every forward."""
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        modules = dict(model.named_modules())
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            known = [info.module for info in getattr(model, "feature_info", [])]
+            raise EdgekdError(
+                f"{type(model).__name__} has no module '{missing[0]}' to tap"
+                f" (stage tap points: {', '.join(known) or 'see model.named_modules()'})"
+            )
+        self.paths = list(paths)
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = [modules[p].register_forward_hook(self._hook(p)) for p in paths]
+
+    def _hook(self, path: str):
+        def store(_module, _inputs, output):
+            self.features[path] = output
+
+        return store
+
+    def pop(self) -> list[torch.Tensor]:
+        """Features of the last forward in `paths` order; clears them so stale tensors are never reused."""
+        try:
+            out = [self.features[p] for p in self.paths]
+        except KeyError as e:
+            raise RuntimeError(f"tap '{e.args[0]}' did not fire during the forward pass") from None
+        self.features = {}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base for a method's options; subclasses are frozen dataclasses with typed defaults from the paper."""
+
+    @classmethod
+    def from_strings(cls, items: dict[str, Any]) -> "MethodOptions":
+        """Builds options from `key=value` strings (CLI) or typed values (YAML/API), strictly."""
+        import difflib
+
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, raw in items.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                options = ", ".join(known) or "none"
+                raise EdgekdError(f"unknown method option '{key}'{hint} (options: {options})")
+            values[key] = _coerce(key, raw, known[key].type)
+        return cls(**values)
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "bool":
+            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"true", "1", "yes"}
+    except ValueError:
+        raise EdgekdError(f"method option {key}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+class Distiller(nn.Module):
+    """Base class: subclasses set `name`, `Options`, `requires_teacher` and implement `forward`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    requires_teacher: ClassVar[bool] = True
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, options: MethodOptions):
+        super().__init__()
+        if self.requires_teacher and teacher is None:
+            raise EdgekdError(f"method '{self.name}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT")
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.options = options
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # BatchNorm statistics and dropout of the teacher never change
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the method adds (adapters, heads); never exported."""
+        owned = {id(p) for p in self.student.parameters()}
+        if self.teacher is not None:
+            owned |= {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if id(p) not in owned]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + self.extra_parameters()
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """State of the method's own modules (not student, not teacher), for checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.extra_state()) - set(state)
+        if missing:
+            raise EdgekdError(f"checkpoint lacks method state {sorted(missing)[:3]}: it was written by another method")
+        self.load_state_dict({**self.state_dict(), **state})
+
+    def phases(self, epochs: int, optim) -> list:
+        """The training phases of this method; single-phase methods train student + extras together."""
+        from ..train.phases import Phase
+
+        return [Phase(self.name, epochs, self, self.trainable_parameters(), optim)]
+
+    def student_for_export(self) -> nn.Module:
+        """The plain zoo model to export: no exits, adapters or masks."""
+        return self.student
+
+    def named_extra_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.named_children():
+            if name not in {"student", "teacher"}:
+                yield name, module

@@ -1,0 +1,189 @@
+"""Model registry and factory: `create_model(name, num_classes, **options)` builds any zoo model.
+
+Family modules (mobilenet, efficientnet, mcunet, resnet) register their ModelInfo entries at import;
+edgekd.models imports them all, so importing anything from edgekd.models fills MODELS.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import EdgekdError
+from ..registry import Registry
+
+log = logging.getLogger("edgekd.models")
+
+ROLES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """A stage-boundary tap point: hooking `module` (a path from named_modules()) yields (B, channels, H/r, W/r)."""
+
+    module: str
+    channels: int
+    reduction: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    role: str  # the model's intended role; any model can be used as either student or teacher
+    builder: Callable[..., nn.Module]
+    defaults: Mapping[str, Any]
+    description: str
+    pretrained_available: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"model role must be one of {ROLES}, got {self.role!r}")
+        # A read-only copy, so no caller can change another caller's defaults.
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    @property
+    def options(self) -> list[str]:
+        return builder_options(self.builder)
+
+
+MODELS = Registry[ModelInfo]("model", "`edgekd models` lists them")
+
+
+def register_model(info: ModelInfo) -> ModelInfo:
+    MODELS.register(info.name, info)
+    return info
+
+
+def _builder_defaults(builder: Callable[..., nn.Module]) -> dict[str, Any]:
+    """Keyword-only options of a builder with their defaults (num_classes/in_chans are create_model's own)."""
+    params = inspect.signature(builder).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in ("num_classes", "in_chans")
+    }
+
+
+def builder_options(builder: Callable[..., nn.Module]) -> list[str]:
+    return sorted(_builder_defaults(builder))
+
+
+def list_models(role: str | None = None, family: str | None = None) -> list[str]:
+    """Registered names, sorted; `role`/`family` filter on the declared values."""
+    out = []
+    for name in MODELS:
+        info = MODELS.get(name)
+        if (role is None or info.role == role) and (family is None or info.family == family):
+            out.append(name)
+    return out
+
+
+def get_model_info(name: str) -> ModelInfo:
+    return MODELS.get(name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate(name: str, num_classes: Any, in_chans: Any, options: Mapping[str, Any]) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise EdgekdError(f"model '{name}' needs num_classes >= 2, got {num_classes!r}")
+    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+        raise EdgekdError(f"model '{name}' needs in_chans >= 1, got {in_chans!r}")
+    for key in ("width_mult", "depth_mult"):
+        if key in options and not (_is_number(options[key]) and options[key] > 0):
+            raise EdgekdError(f"model '{name}' option {key} must be a number > 0, got {options[key]!r}")
+    if "dropout" in options and not (_is_number(options["dropout"]) and 0 <= options["dropout"] < 1):
+        raise EdgekdError(f"model '{name}' option dropout must be in [0, 1), got {options['dropout']!r}")
+    for key in ("low_res_stem", "same_padding"):
+        if key in options and not isinstance(options[key], bool):
+            raise EdgekdError(f"model '{name}' option {key} must be true or false, got {options[key]!r}")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_chans: int = 3,
+    input_size: int | None = None,
+    pretrained: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Build a registered model.
+
+    The returned module has `feature_info`, `num_classes`, `model_config` (create_model(**model_config)
+    rebuilds the same architecture; it never contains `pretrained`, weights travel in checkpoints),
+    `forward_features` and `forward_head`. With pretrained=True it also has `pretrained_cfg` (source,
+    input mean/std, whether the classifier was re-initialised); otherwise `pretrained_cfg` is None.
+    """
+    info = MODELS.get(name)
+    accepted = info.options
+    for key in options:
+        if key not in accepted:
+            raise EdgekdError(f"model '{name}' has no option '{key}' (options: {', '.join(accepted)})")
+    # Every option is spelled out, so model_config still rebuilds this model if a default changes later.
+    merged = {**_builder_defaults(info.builder), **info.defaults, **options}
+    _validate(name, num_classes, in_chans, merged)
+
+    if pretrained:
+        from . import pretrained as pretrained_mod
+
+        pretrained_mod.prepare_options(info, in_chans, options, merged)
+
+    model = info.builder(num_classes=num_classes, in_chans=in_chans, **merged)
+    model.model_config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, **merged}
+    model.pretrained_cfg = None
+    if input_size is not None:
+        check_input_size(model, input_size)
+        stride = model.feature_info[-1].reduction
+        if merged.get("same_padding") and input_size % stride:
+            # The static SAME pads equal TF's only while every stride-2 layer sees an even size.
+            log.warning("%s: input size %d is not a multiple of %d; same_padding then differs slightly from TF",
+                        name, input_size, stride)
+    if pretrained:
+        pretrained_mod.load_pretrained(model, name)
+    return model
+
+
+def _total_stride(info: ModelInfo, low_res_stem: bool) -> int:
+    # Built on the meta device: only the structure is needed, no memory or init time.
+    with torch.device("meta"):
+        model = info.builder(num_classes=2, in_chans=3, **{**info.defaults, "low_res_stem": low_res_stem})
+    return model.feature_info[-1].reduction
+
+
+def check_input_size(model_or_name: nn.Module | str, input_size: int, low_res_stem: bool = False) -> None:
+    """Raise EdgekdError if `input_size` (px) is smaller than the model's total stride.
+
+    For a built model its own low_res_stem setting counts and the argument is ignored.
+    """
+    if isinstance(model_or_name, str):
+        info = MODELS.get(model_or_name)
+        name = info.name
+        stride = _total_stride(info, low_res_stem)
+    else:
+        config = getattr(model_or_name, "model_config", {})
+        name = config.get("name", type(model_or_name).__name__)
+        low_res_stem = bool(config.get("low_res_stem", low_res_stem))
+        stride = model_or_name.feature_info[-1].reduction
+        info = MODELS.get(name) if name in MODELS else None
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+        raise EdgekdError(f"input size for model '{name}' must be a positive number of pixels, got {input_size!r}")
+    if input_size >= stride:
+        return
+    fix = f"use --resolution {stride} or larger"
+    if not low_res_stem and info is not None:
+        low_stride = _total_stride(info, True)
+        if low_stride <= input_size:
+            fix += f", or low_res_stem=True (total stride {low_stride}, fine from {low_stride} px)"
+    raise EdgekdError(
+        f"input size {input_size} px is too small for model '{name}': it needs at least {stride} px "
+        f"(its total stride); {fix}"
+    )
