@@ -18,7 +18,7 @@ from .errors import EdgekdError
 from .models import create_model, get_model_info
 from .targets import Target, load_target
 from .train.checkpoint import file_sha256, load_model
-from .train.distributed import DistEnv, barrier, init_distributed, shutdown
+from .train.distributed import barrier, init_distributed, shutdown
 from .train.phases import Phase
 from .train.trainer import Runtime, Trainer, make_runtime
 
@@ -79,27 +79,25 @@ def train(
     if method_cls.requires_teacher and not config.teacher:
         raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")
 
-    dist = DistEnv()
     started = time.time()
     runtime = make_runtime(config.device, config.amp, config.channels_last, init_distributed(
         config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
     dist = runtime.dist
     try:
         data = load_data(config.data, resolution=resolved.resolution, channels=resolved.channels,
-                         seed=config.seed, val_fraction=config.val_fraction, limit=config.limit)
+                         seed=config.split_seed, val_fraction=config.val_fraction, limit=config.limit)
         num_classes = data.info.num_classes
         torch.manual_seed(config.seed)
         student = build_student(config, resolved, num_classes)
-        teacher_source = _check_teacher(config, resolved, num_classes) if method_cls.requires_teacher else None
+        loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher else None
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
         barrier(dist)
 
-        teacher_info = None
-        teacher = None
-        if teacher_source is not None:
-            teacher, teacher_info = _prepare_teacher(config, resolved, data, runtime, teacher_source, console)
+        teacher, teacher_info = None, None
+        if method_cls.requires_teacher:
+            teacher, teacher_info = _prepare_teacher(config, resolved, data, runtime, loaded_teacher, console)
         distiller: Distiller = method_cls(student, teacher, options)
         phases = distiller.phases(config.epochs, config.optim)
         if console is not None and dist.is_main:
@@ -149,27 +147,30 @@ def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainCon
                    console=console, on_step=on_step)
 
 
-def _check_teacher(config: TrainConfig, resolved: Resolved, num_classes: int) -> str:
-    """Validates the teacher source up front so a bad teacher fails before anything is written."""
+def _check_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict] | None:
+    """Validates the teacher up front so a bad teacher fails before anything is written.
+
+    Returns the loaded (model, payload) for a checkpoint source, None for a zoo model still to be trained.
+    """
     source = config.teacher
     if is_checkpoint_source(source):
-        load_model(Path(source), num_classes=num_classes)  # class count and architecture checked here
-        return source
+        return load_model(Path(source), num_classes=num_classes)  # class count and architecture checked here
     info = get_model_info(source)  # unknown model: did-you-mean error
     if config.teacher_epochs == 0:
         raise EdgekdError(f"teacher '{source}' would be untrained: set --teacher-epochs > 0 or pass a trained checkpoint")
     if config.teacher_pretrained and not info.pretrained_available:
         raise EdgekdError(f"no offline pretrained weights for '{source}': use --teacher efficientnet_lite0 or drop --teacher-pretrained")
-    return source
+    return None
 
 
 def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, runtime: Runtime,
-                     source: str, console) -> tuple[nn.Module, dict]:
-    if is_checkpoint_source(source):
-        teacher, payload = load_model(Path(source), num_classes=data.info.num_classes)
+                     loaded: tuple[nn.Module, dict] | None, console) -> tuple[nn.Module, dict]:
+    source = config.teacher
+    if loaded is not None:
+        teacher, payload = loaded
+        path = Path(source) / "best.pt" if Path(source).is_dir() else Path(source)
         info = {"name": payload["model_config"]["name"], "source": source,
-                "test_acc": payload.get("metrics", {}).get("test_acc"),
-                "checkpoint_sha256": file_sha256(Path(source) / "best.pt" if Path(source).is_dir() else Path(source))}
+                "test_acc": payload.get("metrics", {}).get("test_acc"), "checkpoint_sha256": file_sha256(path)}
         _warn_normalisation(payload.get("data", {}), data, console)
         return teacher, info
     teacher_dir = Path(config.run_dir) / "teacher"
@@ -177,10 +178,10 @@ def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, 
     if summary_path.exists():
         teacher, _ = load_model(teacher_dir, num_classes=data.info.num_classes)
         return teacher, json.loads(summary_path.read_text())
-    options = {**resolved.model_options, **config.teacher_options}
+    # the target's model options make the student deployable; the teacher is never deployed, so it keeps its own
     torch.manual_seed(config.seed)
-    teacher = create_model(source, data.info.num_classes, in_chans=resolved.channels,
-                           input_size=resolved.resolution, pretrained=config.teacher_pretrained, **options)
+    teacher = create_model(source, data.info.num_classes, in_chans=resolved.channels, input_size=resolved.resolution,
+                           pretrained=config.teacher_pretrained, **config.teacher_options)
     if console is not None and runtime.dist.is_main:
         console.print(f"training teacher {source} ({_count(teacher):,} params) for {config.teacher_epochs} epochs")
     ce = METHODS.get("ce")(teacher, None, METHODS.get("ce").Options())

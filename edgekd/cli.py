@@ -14,7 +14,8 @@ from .errors import EdgekdError
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # piped output (logs, CI) gets a wide console so tables are never truncated to 80 columns
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def friendly_errors(fn):
@@ -207,12 +208,12 @@ def models(role):
     """Registered architectures."""
     from rich.table import Table
 
-    from .models import list_models
+    from .models import get_model_info, list_models
 
     table = Table("name", "family", "role", "pretrained", "description")
-    for info in list_models():
-        if role is None or info.role == role:
-            table.add_row(info.name, info.family, info.role, "yes" if info.pretrained_available else "", info.description)
+    for name in list_models(role=role):
+        info = get_model_info(name)
+        table.add_row(info.name, info.family, info.role, "yes" if info.pretrained_available else "", info.description)
     _console().print(table)
 
 

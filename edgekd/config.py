@@ -54,7 +54,8 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many forward passes
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: bool = True
-    seed: int = 0
+    seed: int = 0  # initialisation, batch order, augmentation
+    split_seed: int = 0  # train/val/test split and --limit subset, fixed so runs with different seeds compare
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)
     channels_last: bool = True  # on CUDA

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # two cores: keep tests from oversubscribing when pytest and torch both spawn threads
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("EDGEKD_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

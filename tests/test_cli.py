@@ -1,0 +1,61 @@
+"""The CLI is a thin layer: commands list what is registered and bad input ends in one line, exit code 2."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgekd.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_listing_commands():
+    out = run("targets", "list")
+    assert out.exit_code == 0 and "cortex-m7" in out.output and "jetson-nano" in out.output
+    out = run("targets", "show", "cortex-m7")
+    assert out.exit_code == 0 and "480 MHz" in out.output and "512 KiB" in out.output
+    out = run("models")
+    assert out.exit_code == 0 and "mobilenetv3_small_050" in out.output and "resnet18" in out.output
+    assert "resnet18" not in run("models", "--role", "student").output
+    out = run("methods")
+    assert out.exit_code == 0 and "kd" in out.output and "ce" in out.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["targets", "show", "jetson-nanoo"], "unknown target 'jetson-nanoo'; did you mean 'jetson-nano'?"),
+        (["train", "--target", "cortex-m9"], "unknown target 'cortex-m9'"),
+        (["train", "--student", "mobilenet"], "unknown model 'mobilenet'"),
+        (["train", "--data", "cifar10:/no/such/dir"], "/no/such/dir"),
+        (["train", "--data", "mnist"], "unknown data source 'mnist'"),
+        (["train", "--method", "hinton"], "unknown method 'hinton'"),
+        (["train", "--opt", "temperature"], "--opt expects KEY=VALUE"),
+        (["train", "--opt", "temp=3", "--data", "digits"], "unknown method option 'temp'"),
+        (["train", "--resume", "runs/x", "--epochs", "3"], "--resume uses the run's saved config; drop --epochs"),
+        (["train", "--resume", "/no/such/run"], "config.yaml does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_train_writes_a_run_and_resume_of_a_finished_run_reports_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "digits", "--resolution", "32", "--student", "mobilenetv3_small_050",
+            "--student-opt", "low_res_stem=false", "--teacher", "none", "--method", "ce", "--epochs", "1", "--limit", "300"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "runs" / "mobilenetv3_small_050-ce" / "summary.json").read_text())
+    assert summary["student"]["low_res_stem"] is False and summary["data"]["sizes"]["train"] == 300
+    # a second identical command does not overwrite the first run
+    assert run(*args).exit_code == 0
+    assert (tmp_path / "runs" / "mobilenetv3_small_050-ce-2" / "summary.json").is_file()
+    resumed = run("train", "--resume", "runs/mobilenetv3_small_050-ce")
+    assert resumed.exit_code == 0 and "test accuracy" in resumed.output
