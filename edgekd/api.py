@@ -115,6 +115,7 @@ def train(
             "student": student.model_config,
             "method": config.method,
             "method_options": options.__dict__,
+            "method_extra_parameters": sum(p.numel() for p in distiller.extra_parameters()),
             "teacher": teacher_info,
             "target": resolved.target.name if resolved.target else None,
             "resolution": resolved.resolution,

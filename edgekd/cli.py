@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def _default_run_dir(student: str, method: str) -> Path:
 
 
 def _print_summary(console, summary: dict) -> None:
-    if summary.get("world_size", 1) > 1 and summary.get("rank", 0) != 0:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     teacher = summary.get("teacher")
     if teacher and teacher.get("test_acc") is not None:
