@@ -14,6 +14,8 @@ from torch import nn
 from .config import TrainConfig
 from .data.datamodule import DataModule, load_data
 from .distill import METHODS, Distiller
+from .distill.teacher_outputs import (DEFAULT_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
+                                      images_fingerprint, state_fingerprint)
 from .errors import EdgekdError
 from .models import create_model, get_model_info
 from .targets import Target, load_target
@@ -108,8 +110,15 @@ def train(
                 + (f"; method adds {extras:,} training-only params" if extras else "")
                 + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
             )
-        trainer = _trainer(run_dir, data, runtime, config, console, on_step)
+        outputs, variants = None, 0
+        if teacher is not None and distiller.teacher_logits_only:
+            outputs, variants = _teacher_outputs(config, data, runtime, teacher, console)
+        elif teacher is not None and console is not None and dist.is_main:
+            console.print(f"method {config.method} needs live teacher features: the teacher runs every step (no cache)")
+        trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants)
         result = trainer.fit(phases, resume=resume)
+        if outputs is not None and outputs.cache is not None:
+            result["teacher_cache"] = outputs.cache.stats()
         summary = {
             "run_dir": str(run_dir),
             "student": student.model_config,
@@ -142,10 +151,48 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainConfig, console, on_step) -> Trainer:
+def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainConfig, console, on_step,
+             teacher_outputs: TeacherOutputs | None = None, variants: int = 0) -> Trainer:
     return Trainer(run_dir, data, runtime, batch_size=config.batch_size, micro_batches=config.micro_batches,
                    augment=config.augment, seed=config.seed, checkpoint_interval_s=config.checkpoint_interval_s,
-                   console=console, on_step=on_step)
+                   console=console, on_step=on_step, teacher_outputs=teacher_outputs, variants=variants,
+                   bank_seed=config.split_seed)
+
+
+def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
+                     console) -> tuple[TeacherOutputs, int]:
+    """The fast teacher runner, plus the logit cache unless it is off or (auto) over budget."""
+    runner = TeacherRunner(teacher, runtime.device, fold_bn=config.teacher_fold_bn,
+                           autocast=config.teacher_autocast, compile=config.teacher_compile)
+    augmenting = config.augment and data.augment is not None
+    variants = (config.teacher_cache_variants or config.epochs) if augmenting else 0
+    if config.teacher_cache == "off":
+        return TeacherOutputs(runner, None), variants
+    key = {
+        "teacher": state_fingerprint(teacher), "runner": runner.settings,
+        "images": images_fingerprint(data.train), "data": data.describe(),
+        "augment": {"pad": data.augment.pad, "hflip": data.augment.hflip} if augmenting else None,
+        "variants": variants, "bank_seed": config.split_seed,
+        "rank": runtime.dist.rank, "world_size": runtime.dist.world_size,
+    }
+    directory = None
+    if config.teacher_cache == "disk":
+        directory = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else DEFAULT_CACHE_DIR
+    budget = config.teacher_cache_budget_mb << 20
+    try:
+        cache = TeacherCache(key, len(data.train), variants, data.info.num_classes, directory=directory,
+                             memory_budget_bytes=budget)
+    except EdgekdError as e:
+        if config.teacher_cache != "auto":
+            raise
+        if console is not None and runtime.dist.is_main:
+            console.print(f"teacher cache off: {e}")
+        return TeacherOutputs(runner, None), variants
+    if console is not None and runtime.dist.is_main:
+        where = f"on disk at {cache.directory}" if cache.directory else "in memory"
+        console.print(f"teacher logits cached {where} ({cache.nbytes / 2**20:.1f} MiB, "
+                      f"{max(variants, 1)} augmentation variant(s) per image, {cache.warm_entries} entries warm)")
+    return TeacherOutputs(runner, cache), variants
 
 
 def _check_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict] | None:

@@ -47,6 +47,14 @@ class TrainConfig:
     teacher_pretrained: bool = False  # start the teacher from offline ImageNet weights (efficientnet_lite0)
     teacher_epochs: int = 10
     teacher_optim: OptimConfig = field(default_factory=OptimConfig)
+    # teacher outputs for logit-only methods (KD): see edgekd/distill/teacher_outputs.py
+    teacher_cache: str = "auto"  # auto (memory if within budget, else live) | memory | disk | off
+    teacher_cache_dir: str | None = None  # disk caches; default ~/.cache/edgekd/teacher-outputs
+    teacher_cache_variants: int = 0  # augmentations kept per image; 0: one per epoch (as without a cache)
+    teacher_cache_budget_mb: int = 2048
+    teacher_fold_bn: bool = True
+    teacher_autocast: str = "off"  # off | bf16 | fp16 (CUDA)
+    teacher_compile: bool = False
     method: str = "kd"
     method_options: dict = field(default_factory=dict)
     epochs: int = 10
@@ -63,6 +71,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("teacher_cache", self.teacher_cache, ("auto", "memory", "disk", "off"))
+        _choice("teacher_autocast", self.teacher_autocast, ("off", "bf16", "fp16"))
+        if self.teacher_cache_variants < 0 or self.teacher_cache_budget_mb < 1:
+            raise EdgekdError("teacher_cache_variants must be >= 0 and teacher_cache_budget_mb >= 1")
         for name in ("epochs", "batch_size", "micro_batches"):
             if getattr(self, name) < 1:
                 raise EdgekdError(f"{name} must be >= 1, got {getattr(self, name)}")

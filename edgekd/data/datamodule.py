@@ -67,6 +67,8 @@ class DataModule:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        variants: int = 0,
+        bank_seed: int = 0,
     ) -> BatchLoader:
         """Shuffle and augment default to on for "train" and off otherwise.
 
@@ -89,6 +91,8 @@ class DataModule:
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
+            variants=variants,
+            bank_seed=bank_seed,
         )
 
     def describe(self) -> dict:

@@ -1,12 +1,21 @@
 """Deterministic batch iteration over an ImageSet, shardable across DDP ranks and resumable mid-epoch."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .augment import CropFlip
+from .augment import AugmentParams, CropFlip
 from .imageset import ImageSet
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # float32 normalized NCHW
+    y: torch.Tensor  # int64
+    index: torch.Tensor  # int64 positions in the ImageSet
+    variant: torch.Tensor  # int64 augmentation variant of each image (0 without a bank)
 
 
 class BatchLoader:
@@ -32,6 +41,8 @@ class BatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        variants: int = 0,
+        bank_seed: int = 0,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -47,6 +58,11 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        # variants > 0: every image has a fixed bank of `variants` augmentations and each epoch uses one of
+        # them (fast knowledge distillation, Shen & Xing 2021), so teacher outputs per variant can be cached
+        self.variants = variants
+        self.bank_seed = bank_seed  # separate from `seed` so runs with different seeds share one bank (and cache)
+        self._bank: AugmentParams | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -80,17 +96,41 @@ class BatchLoader:
         return self.iterate(start_step=0)
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.iterate_batches(start_step):
+            yield batch.x, batch.y
+
+    def iterate_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """Batches with the image indices and augmentation variants they were made from."""
         order = self.order()
+        variant = self.epoch_variants()
         # augmentation parameters for the whole epoch, drawn once so they do not depend on the start step
-        params = self.augment.sample(len(order), self._generator_for_augment()) if self.augment else None
+        params = None
+        if self.augment is not None and not self.variants:
+            params = self.augment.sample(len(order), self._generator_for_augment())
         for step in range(start_step, len(self)):
             chunk = torch.arange(step * self.global_batch, min((step + 1) * self.global_batch, len(order)))
             mine = chunk[self.rank :: self.world_size]
             idx = order[mine]
             raw = self.images.get_batch(idx)
-            if params is not None:
-                raw = self.augment.apply(raw, _take(params, mine))
-            yield self.normalize(raw), self.images.labels[idx]
+            if self.augment is not None:
+                raw = self.augment.apply(raw, _take(params, mine) if params is not None else self.bank_params(idx, variant[idx]))
+            yield Batch(self.normalize(raw), self.images.labels[idx], idx, variant[idx])
+
+    def epoch_variants(self) -> torch.Tensor:
+        """Variant of every image this epoch: each image cycles through all its variants, from its own offset."""
+        n = len(self.images)
+        if not self.variants or self.augment is None:
+            return torch.zeros(n, dtype=torch.int64)
+        offset = torch.randint(0, self.variants, (n,), generator=torch.Generator().manual_seed(self.seed + 99_991))
+        return (offset + self.epoch) % self.variants
+
+    def bank_params(self, index: torch.Tensor, variant: torch.Tensor) -> AugmentParams:
+        """The augmentation parameters of (image, variant) pairs; a pure function of the seed."""
+        if self._bank is None:
+            n, k = len(self.images), self.variants
+            flat = self.augment.sample(n * k, torch.Generator().manual_seed(self.bank_seed * 1_000_003 + 5_555_555))
+            self._bank = AugmentParams(flat.dx.view(n, k), flat.dy.view(n, k), flat.flip.view(n, k))
+        return AugmentParams(self._bank.dx[index, variant], self._bank.dy[index, variant], self._bank.flip[index, variant])
 
     def _generator_for_augment(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)

@@ -111,6 +111,9 @@ class Distiller(nn.Module):
     description: ClassVar[str] = ""
     requires_teacher: ClassVar[bool] = True
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # True when the method needs nothing from the teacher but its logits: the trainer may then pass cached
+    # logits as forward(x, y, teacher_logits=...) instead of running the teacher
+    teacher_logits_only: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, options: MethodOptions):
         super().__init__()

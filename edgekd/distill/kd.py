@@ -41,9 +41,11 @@ class HintonKD(Distiller):
     name = "kd"
     description = "Hinton knowledge distillation: softened teacher logits (KL, temperature T) + label CE"
     Options = KDOptions
+    teacher_logits_only = True
 
-    def forward(self, x, y):
-        teacher_logits = self.teacher_logits(x)
+    def forward(self, x, y, teacher_logits=None):
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(x)
         logits = self.student(x)
         soft = kd_loss(logits, teacher_logits, self.options.temperature)
         hard = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)

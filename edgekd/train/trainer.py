@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.datamodule import DataModule
 from ..errors import EdgekdError
+from ..distill.teacher_outputs import TeacherOutputs
 from .checkpoint import model_payload, read_checkpoint, save_atomic
 from .distributed import DistEnv, all_reduce_sum, barrier
 from .phases import Phase, build_optimizer
@@ -104,6 +105,9 @@ class Trainer:
         checkpoint_interval_s: float = 300.0,
         console=None,
         on_step: Callable[["Trainer", int], None] | None = None,
+        teacher_outputs: "TeacherOutputs | None" = None,
+        variants: int = 0,
+        bank_seed: int = 0,
     ):
         world = runtime.dist.world_size
         if batch_size % (world * micro_batches):
@@ -120,6 +124,10 @@ class Trainer:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.console = console
         self.on_step = on_step
+        # cached/fast teacher logits for methods that need only logits (see distill/teacher_outputs.py)
+        self.teacher_outputs = teacher_outputs
+        self.variants = variants
+        self.bank_seed = bank_seed
         self._stop = threading.Event()
 
     # ---- public -------------------------------------------------------------------------------------
@@ -169,6 +177,8 @@ class Trainer:
             rank=self.rt.dist.rank,
             world_size=self.rt.dist.world_size,
             drop_last=True,  # equal shards keep DDP and micro-batch gradients exact averages
+            variants=self.variants if self._uses_teacher_outputs(phase) else 0,
+            bank_seed=self.bank_seed,
         )
         if len(loader) == 0:
             raise EdgekdError(
@@ -190,6 +200,8 @@ class Trainer:
             )
             record = {"phase": phase.name, "phase_index": index, "epoch": epoch, **stats.summary()}
             record["lr"] = optimizer.param_groups[0]["lr"]
+            if self._uses_teacher_outputs(phase) and self.teacher_outputs.cache is not None:
+                record["teacher_cache"] = self.teacher_outputs.cache.stats(reset=True)
             if phase.evaluate:
                 record.update(self.evaluate(phase.eval_model, "val"))
                 if is_final and record["val_acc"] > best["val_acc"]:
@@ -209,13 +221,16 @@ class Trainer:
         last_save = time.monotonic()
         tick = time.perf_counter()
         try:
-            for step, (x, y) in enumerate(loader.iterate(start_step), start=start_step):
+            for step, batch in enumerate(loader.iterate_batches(start_step), start=start_step):
                 global_step = epoch * steps_per_epoch + step
                 lr = lr_at(global_step, total_steps, steps_per_epoch, phase.optim)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, correct, terms = self._step(module, phase, optimizer, scaler, x, y)
-                stats.add(loss, correct, len(y), terms)
+                teacher_logits = None
+                if self._uses_teacher_outputs(phase):
+                    teacher_logits = self.teacher_outputs.logits(batch.x, batch.index, batch.variant)
+                loss, correct, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y, teacher_logits)
+                stats.add(loss, correct, len(batch.y), terms)
                 now = time.perf_counter()
                 stats.seconds += now - tick
                 tick = now
@@ -238,7 +253,10 @@ class Trainer:
                 progress[0].stop()
         return stats
 
-    def _step(self, module, phase, optimizer, scaler, x, y) -> tuple[float, int, dict[str, float]]:
+    def _uses_teacher_outputs(self, phase: Phase) -> bool:
+        return self.teacher_outputs is not None and phase.distiller.teacher_logits_only
+
+    def _step(self, module, phase, optimizer, scaler, x, y, teacher_logits=None) -> tuple[float, int, dict[str, float]]:
         x = x.to(self.rt.device, non_blocking=True)
         y = y.to(self.rt.device, non_blocking=True)
         if self.rt.channels_last:
@@ -250,9 +268,12 @@ class Trainer:
         for m in range(k):
             # strided micro-batches, the same split DDP ranks take from a global batch
             xm, ym = (x[m::k], y[m::k]) if k > 1 else (x, y)
+            extra = {}
+            if teacher_logits is not None:
+                extra["teacher_logits"] = teacher_logits[m::k] if k > 1 else teacher_logits
             sync = contextlib.nullcontext() if m == k - 1 or not isinstance(module, DistributedDataParallel) else module.no_sync()
             with sync, torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype or torch.float32, enabled=self.rt.amp_dtype is not None):
-                out = module(xm, ym)
+                out = module(xm, ym, **extra)
             if not torch.isfinite(out.loss):
                 raise EdgekdError(
                     f"loss became {out.loss.item()} in phase '{phase.name}': lower the learning rate (--lr) or enable gradient clipping (--grad-clip)"
@@ -292,6 +313,8 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------------------
     def _save_state(self, phase, epoch, step, distiller, optimizer, scaler, stats: EpochStats, best) -> None:
+        if self.teacher_outputs is not None and self.teacher_outputs.cache is not None:
+            self.teacher_outputs.cache.flush()  # every rank owns its cache shard
         if self.rt.dist.is_main:
             state = {
                 "format": "edgekd-checkpoint",

@@ -1,0 +1,197 @@
+"""Teacher outputs without paying for the teacher every step.
+
+`TeacherRunner` makes live teacher inference cheap (inference mode, BatchNorm folded into convolutions,
+channels_last, optional autocast and torch.compile). `TeacherCache` keeps the teacher's logits per
+(training image, augmentation variant), in memory or memory-mapped on disk, so a variant the teacher has
+seen is never run again: within a run when augmentation is off or banked (fast knowledge distillation,
+Shen & Xing 2021), and across runs with the same teacher, data and transform. The cache is keyed by a hash of
+everything that determines the logits; a mismatch means a different cache, never a stale one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EdgekdError
+
+log = logging.getLogger("edgekd.teacher")
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path(os.environ.get("EDGEKD_CACHE_DIR", Path.home() / ".cache" / "edgekd")) / "teacher-outputs"
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the convolution."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model)
+    except Exception as e:  # data-dependent control flow cannot be traced
+        raise EdgekdError(
+            f"cannot fold BatchNorm of {type(model).__name__} ({type(e).__name__}): set teacher_fold_bn: false"
+        ) from None
+
+
+class TeacherRunner:
+    """Runs the frozen teacher as fast as the settings allow; outputs are float32 logits."""
+
+    def __init__(self, teacher: nn.Module, device: torch.device, *, fold_bn: bool = True,
+                 autocast: str = "off", compile: bool = False, channels_last: bool | None = None):
+        if autocast not in ("off", "bf16", "fp16"):
+            raise EdgekdError(f"teacher_autocast must be off, bf16 or fp16, got '{autocast}'")
+        if autocast == "fp16" and device.type != "cuda":
+            raise EdgekdError("teacher_autocast fp16 needs a CUDA GPU: use bf16 or off on CPU")
+        self.settings = {"fold_bn": fold_bn, "autocast": autocast, "compile": compile}
+        model = fold_batchnorm(teacher) if fold_bn else copy.deepcopy(teacher).eval()
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
+        model = model.to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = torch.compile(model) if compile else model
+        self.device = device
+        self.dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.model(x)
+        # a plain tensor (not an inference tensor) so it can take part in autograd as a constant target
+        return out.float().clone()
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_fingerprint(images) -> str:
+    """Hash of the training images' pixels and labels (in-memory sets) or their file list (lazy sets)."""
+    digest = hashlib.sha256()
+    tensor = getattr(images, "images", None)
+    if tensor is not None:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    else:
+        digest.update(json.dumps([str(p) for p in getattr(images, "paths", [])]).encode())
+    digest.update(images.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherCache:
+    """Logits per (image, variant): float32 [N, K, C] plus a filled mask, in memory or memory-mapped."""
+
+    def __init__(self, key: dict, num_images: int, variants: int, num_classes: int, *,
+                 directory: Path | None = None, memory_budget_bytes: int = 1 << 30):
+        self.shape = (num_images, max(variants, 1), num_classes)
+        self.nbytes = int(np.prod(self.shape)) * 4
+        if self.nbytes > memory_budget_bytes:
+            raise EdgekdError(
+                f"the teacher cache would need {self.nbytes / 2**20:.0f} MiB (> budget {memory_budget_bytes / 2**20:.0f} MiB):"
+                " raise teacher_cache_budget_mb, lower teacher_cache_variants, or set teacher_cache: off"
+            )
+        self.key = {**key, "version": CACHE_VERSION, "shape": list(self.shape)}
+        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
+        self.directory = Path(directory) / self.digest[:24] if directory is not None else None
+        self.hits = 0
+        self.misses = 0
+        if self.directory is None:
+            self.logits = np.zeros(self.shape, dtype=np.float32)
+            self.filled = np.zeros(self.shape[:2], dtype=bool)
+            self.warm_entries = 0
+        else:
+            self._open_disk()
+
+    # ---- disk ---------------------------------------------------------------------------------------
+    def _open_disk(self) -> None:
+        meta_path = self.directory / "meta.json"
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError:
+                meta = None
+            if meta != self.key:  # same digest prefix but different content: never reuse
+                log.warning("teacher cache %s does not match this run; rebuilding it", self.directory)
+                shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data_path = self.directory / "logits.f32"
+        mode = "r+" if data_path.exists() else "w+"
+        self.logits = np.memmap(data_path, dtype=np.float32, mode=mode, shape=self.shape)
+        filled_path = self.directory / "filled.npy"
+        self.filled = np.load(filled_path) if filled_path.exists() else np.zeros(self.shape[:2], dtype=bool)
+        if self.filled.shape != self.shape[:2]:
+            raise EdgekdError(f"teacher cache {self.directory} is damaged (mask shape): delete the directory")
+        (self.directory / "meta.json").write_text(json.dumps(self.key, sort_keys=True))
+        self.warm_entries = int(self.filled.sum())
+
+    def flush(self) -> None:
+        """Persist: logits first, then the mask that claims them (atomic rename), so a crash never claims garbage."""
+        if self.directory is None:
+            return
+        self.logits.flush()
+        tmp = self.directory / ".filled.tmp.npy"
+        np.save(tmp, self.filled)
+        os.replace(tmp, self.directory / "filled.npy")
+
+    # ---- lookups ------------------------------------------------------------------------------------
+    def lookup(self, index: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hit mask (B,), logits (B, C) where hit)."""
+        i, v = index.numpy(), variant.numpy()
+        hit = torch.from_numpy(self.filled[i, v].copy())
+        logits = torch.from_numpy(np.asarray(self.logits[i, v]))
+        n_hit = int(hit.sum())
+        self.hits += n_hit
+        self.misses += len(hit) - n_hit
+        return hit, logits
+
+    def store(self, index: torch.Tensor, variant: torch.Tensor, logits: torch.Tensor) -> None:
+        i, v = index.numpy(), variant.numpy()
+        self.logits[i, v] = logits.detach().cpu().float().numpy()
+        self.filled[i, v] = True
+
+    def stats(self, reset: bool = False) -> dict:
+        """Hit counts since the last reset (the trainer resets every epoch) and fill level."""
+        total = self.hits + self.misses
+        out = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+                "entries_filled": int(self.filled.sum()), "entries": int(np.prod(self.shape[:2])),
+                "warm_entries_at_start": self.warm_entries, "bytes": self.nbytes,
+                "directory": str(self.directory) if self.directory else None}
+        if reset:
+            self.hits = self.misses = 0
+        return out
+
+
+class TeacherOutputs:
+    """What the trainer asks for teacher logits: cache first, the fast runner for the misses."""
+
+    def __init__(self, runner: TeacherRunner, cache: TeacherCache | None):
+        self.runner = runner
+        self.cache = cache
+
+    def logits(self, x: torch.Tensor, index: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.runner(x)
+        hit, logits = self.cache.lookup(index, variant)
+        if bool(hit.all()):
+            return logits.to(x.device)
+        miss = ~hit
+        fresh = self.runner(x[miss.to(x.device)]).cpu()
+        self.cache.store(index[miss], variant[miss], fresh)
+        logits[miss] = fresh
+        return logits.to(x.device)
