@@ -67,6 +67,8 @@ TRAIN_FIELDS = {
     "epochs": "epochs", "teacher_epochs": "teacher_epochs", "batch_size": "batch_size",
     "resolution": "resolution", "channels": "channels", "limit": "limit", "seed": "seed", "device": "device",
     "micro_batches": "micro_batches", "run_dir": "run_dir", "teacher_pretrained": "teacher_pretrained",
+    "teacher_cache": "teacher_cache", "teacher_cache_variants": "teacher_cache_variants",
+    "teacher_cache_dir": "teacher_cache_dir", "teacher_autocast": "teacher_autocast",
 }
 
 
@@ -78,6 +80,12 @@ TRAIN_FIELDS = {
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
 @click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
 @click.option("--teacher-epochs", type=int, help="Epochs to train a zoo teacher on the data.")
+@click.option("--teacher-cache", type=click.Choice(["auto", "memory", "disk", "off"]),
+              help="Reuse teacher logits per (image, augmentation variant) for logit-only methods (KD).")
+@click.option("--teacher-cache-variants", type=int, metavar="K",
+              help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch.")
+@click.option("--teacher-cache-dir", help="Where disk caches live (default ~/.cache/edgekd/teacher-outputs).")
+@click.option("--teacher-autocast", type=click.Choice(["off", "bf16", "fp16"]), help="Teacher inference precision.")
 @click.option("--method", help="Distillation method (see `edgekd methods`).")
 @click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. temperature=4 alpha=0.9 label_smoothing=0.1.")
 @click.option("--epochs", type=int, help="Student training epochs.")
