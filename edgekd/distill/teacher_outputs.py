@@ -109,8 +109,8 @@ class TeacherCache:
         self.key = {**key, "version": CACHE_VERSION, "shape": list(self.shape)}
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / self.digest[:24] if directory is not None else None
-        self.hits = 0
-        self.misses = 0
+        self.hits = self.misses = 0  # since the last stats(reset=True)
+        self.total_hits = self.total_misses = 0
         if self.directory is None:
             self.logits = np.zeros(self.shape, dtype=np.float32)
             self.filled = np.zeros(self.shape[:2], dtype=bool)
@@ -158,6 +158,8 @@ class TeacherCache:
         n_hit = int(hit.sum())
         self.hits += n_hit
         self.misses += len(hit) - n_hit
+        self.total_hits += n_hit
+        self.total_misses += len(hit) - n_hit
         return hit, logits
 
     def store(self, index: torch.Tensor, variant: torch.Tensor, logits: torch.Tensor) -> None:
@@ -169,6 +171,7 @@ class TeacherCache:
         """Hit counts since the last reset (the trainer resets every epoch) and fill level."""
         total = self.hits + self.misses
         out = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+               "total_hits": self.total_hits, "total_misses": self.total_misses,
                 "entries_filled": int(self.filled.sum()), "entries": int(np.prod(self.shape[:2])),
                 "warm_entries_at_start": self.warm_entries, "bytes": self.nbytes,
                 "directory": str(self.directory) if self.directory else None}
