@@ -1,11 +1,23 @@
 """Distillation methods, one module each, registered by name (`edgekd methods` lists them)."""
 from ..registry import Registry
+from .ab import ActivationBoundaries
+from .at import AttentionTransfer
 from .base import DistillOutput, Distiller, FeatureTaps, MethodOptions, freeze
+from .byot import BeYourOwnTeacher
 from .ce import CrossEntropy
+from .dml import DeepMutualLearning
+from .fitnet import FitNet
+from .fsp import FSP
 from .kd import HintonKD, kd_loss
+from .logit_l2 import LogitL2
+from .nst import NeuronSelectivityTransfer
+from .rkd import RelationalKD
+from .sskd import SSKDMultiLoss, StageByStageKD
 
 METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists them")
-for _method in (CrossEntropy, HintonKD):
+for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
+                ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
+                SSKDMultiLoss):
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]

@@ -156,6 +156,10 @@ class Distiller(nn.Module):
             raise EdgekdError(f"checkpoint lacks method state {sorted(missing)[:3]}: it was written by another method")
         self.load_state_dict({**self.state_dict(), **state})
 
+    @classmethod
+    def check_epochs(cls, options: MethodOptions, epochs: int) -> None:
+        """Raise EdgekdError if `epochs` cannot cover the method's phases; called before anything is trained."""
+
     def phases(self, epochs: int, optim) -> list:
         """The training phases of this method; single-phase methods train student + extras together."""
         from ..train.phases import Phase

@@ -1,0 +1,80 @@
+"""Park et al., "Relational Knowledge Distillation" (CVPR 2019): distance- and angle-wise relations.
+
+On the final embedding of each network (global-average-pooled `forward_features`, the input of the
+classifier; its width may differ between the two):
+- distance: psi_D(t_i, t_j) = ||t_i - t_j|| / mu, mu the mean distance over the batch's pairs (Eq. 5-6);
+- angle: psi_A(t_i, t_j, t_k) = cos of the angle at t_j between t_i and t_k (Eq. 8);
+each matched with the Huber (smooth L1) loss. loss = task + 25 * L_dist + 50 * L_angle: lambda_D = 25 and
+lambda_A = 50 are the paper's values (also the defaults of RepDistiller's RKDLoss). task = CE, or KD-mixed
+with alpha > 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgekdError
+from .base import DistillOutput, Distiller, MethodOptions
+from .features import check_task_options, full_precision, task_loss
+
+
+@dataclass(frozen=True)
+class RKDOptions(MethodOptions):
+    distance_weight: float = 25.0
+    angle_weight: float = 50.0
+    alpha: float = 0.0  # weight of Hinton KD in the task loss (0: CE only)
+    temperature: float = 4.0
+
+    def __post_init__(self):
+        check_task_options("rkd", self.alpha, self.temperature)
+        if self.distance_weight < 0 or self.angle_weight < 0:
+            raise EdgekdError("rkd distance_weight and angle_weight must be >= 0")
+
+
+def _pdist(e: torch.Tensor) -> torch.Tensor:
+    sq = e.pow(2).sum(1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=1e-12).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))  # exact zeros on the diagonal
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def normalised(e):
+        d = _pdist(e.float().flatten(1))
+        return d / d[d > 0].mean().clamp(min=1e-12)
+    with torch.no_grad():
+        t = normalised(teacher)
+    return F.smooth_l1_loss(normalised(student), t)
+
+
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def angles(e):
+        e = e.float().flatten(1)
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # diff[j, i] = unit(e_i - e_j)
+        return (diff @ diff.transpose(1, 2)).flatten()
+    with torch.no_grad():
+        t = angles(teacher)
+    return F.smooth_l1_loss(angles(student), t)
+
+
+def embedding(model, x):
+    """(pooled final features, logits) of a zoo model in one forward."""
+    features = model.forward_features(x)
+    return features.float().mean((2, 3)), model.forward_head(features)
+
+
+class RelationalKD(Distiller):
+    name = "rkd"
+    description = "relational KD (Park et al.): distance (25) and angle (50) relations of embeddings + CE"
+    Options = RKDOptions
+
+    def forward(self, x, y):
+        with torch.no_grad():
+            t_emb, t_logits = embedding(self.teacher, x)
+        s_emb, logits = embedding(self.student, x)
+        with full_precision(s_emb):
+            dist, angle = rkd_distance_loss(s_emb, t_emb), rkd_angle_loss(s_emb, t_emb)
+        task, terms = task_loss(logits, y, t_logits, self.options.alpha, self.options.temperature)
+        loss = task + self.options.distance_weight * dist + self.options.angle_weight * angle
+        return DistillOutput(loss, logits, {**terms, "distance": dist.detach(), "angle": angle.detach()})
