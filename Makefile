@@ -9,8 +9,8 @@ DATA_PKG := dataset-fashion-mnist
 $(BIN)/edgekd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch/torchvision come from the pinned pair in pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
+	# torch/torchvision come from the pinned pair in pyproject.toml; the export extra pins the TFLite/ONNX toolchain
+	$(BIN)/pip install --quiet -e '.[test,export]'
 	touch $(BIN)/edgekd
 
 setup: $(BIN)/edgekd data
@@ -22,10 +22,12 @@ data:
 		apt-get install -y -qq $(DATA_PKG) >/dev/null || (apt-get update -qq && apt-get install -y -qq $(DATA_PKG)); \
 	else echo "note: install Fashion-MNIST with 'sudo apt-get install $(DATA_PKG)' or pass --data fashion-mnist:DIR"; fi
 
-# The main job on the built-in default: teacher + distilled student for a Cortex-M7 on Fashion-MNIST
+# The main job on the built-in default: teacher + distilled student for a Cortex-M7 on Fashion-MNIST, then the
+# student exported as a verified full-int8 TFLite model (run in TFLite Micro) with its C array
 demo: setup
 	$(BIN)/edgekd train --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000 \
 		--teacher resnet18 --teacher-epochs 5 --epochs 10 --run-dir runs/demo-cortex-m7
+	$(BIN)/edgekd export runs/demo-cortex-m7 --target cortex-m7
 
 test: setup
 	$(BIN)/python -m pytest -q

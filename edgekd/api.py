@@ -17,6 +17,7 @@ from .distill import METHODS, Distiller
 from .distill.teacher_outputs import (DEFAULT_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
                                       images_fingerprint, state_fingerprint)
 from .errors import EdgekdError
+from .export import Artifact, export  # noqa: F401  (api.export is the public entry point)
 from .models import create_model, get_model_info
 from .targets import Target, load_target
 from .train.checkpoint import file_sha256, load_model
@@ -78,6 +79,7 @@ def train(
     resolved = resolve(config)
     method_cls = METHODS.get(config.method)
     options = method_cls.Options.from_strings(config.method_options)
+    method_cls.check_epochs(options, config.epochs)  # a multi-phase method's budget fails before the teacher trains
     if method_cls.requires_teacher and not config.teacher:
         raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")
 

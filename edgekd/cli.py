@@ -172,6 +172,35 @@ def _print_summary(console, summary: dict) -> None:
     console.print(f"run written to {summary['run_dir']} (best.pt, last.pt, metrics.jsonl, summary.json)")
 
 
+@main.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--format", "format_", type=click.Choice(["onnx", "tflite", "tensorrt"]),
+              help="Artifact format (default: the target's).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "dynamic-range", "int8"]),
+              help="Numeric precision (default: the target's, else the format's: onnx fp32, tflite fp32, tensorrt fp16).")
+@click.option("--target", help="Device target: picks format/precision and checks flash and RAM (see `edgekd targets list`).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the artifact bundle (default: SOURCE's export/).")
+@click.option("--calib-images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training images used to calibrate int8 quantization.")
+@click.option("--verify-images", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Held-out test images the artifact is verified on.")
+@click.option("--dynamic-batch", is_flag=True, help="ONNX only: a dynamic batch dimension.")
+@click.option("--data", help="Data spec for calibration/verification if the run's is not at hand (same dataset).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Top-1 agreement with PyTorch a quantized artifact must reach.")
+@friendly_errors
+def export_cmd(source, format_, precision, target, out_dir, calib_images, verify_images, dynamic_batch, data, min_agreement):
+    """Export a run (or checkpoint) to ONNX, TFLite or a TensorRT-ready bundle, and verify it."""
+    from . import api
+
+    console = _console()
+    artifact = api.export(source, format=format_, precision=precision, target=target, out_dir=out_dir,
+                          calib_images=calib_images, verify_images=verify_images, dynamic_batch=dynamic_batch,
+                          data=data, min_agreement=min_agreement, console=console)
+    console.print("[bold]exported and verified[/] " + "\n".join(artifact.summary_lines()))
+
+
 @main.group()
 def targets():
     """Device targets (targets/*.yaml)."""

@@ -92,6 +92,8 @@ def main() -> None:
         "",
         *table,
         "",
+        "Throughput was measured while other jobs shared the 2 cores (hence the large std); the teacher-output "
+        "benchmark below re-measures it on a quiet machine. "
         f"KD overhead factor on this CPU: scratch trains {overhead:.2f}x faster than KD (the teacher's forward pass "
         "runs on every step; teacher-output caching is the subject of the throughput issue).",
         "",

@@ -1,0 +1,102 @@
+"""PyTorch -> ONNX: opset 17, BatchNorm folded, constants folded and simplified, checked.
+
+Every other format starts from this ONNX file (onnx2tf for TFLite, TensorRT's ONNX parser), so its input
+is fixed here: NCHW float32, the run's resolution and channels, normalised with the run's mean/std.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import EdgekdError
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
+    """An eval copy with Conv2d->BatchNorm2d pairs folded; (copy, folded?). Untraceable models fall back to
+    the plain copy, whose BatchNorm onnxsim folds into the convolutions anyway."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model), True
+    except Exception:  # data-dependent control flow cannot be traced by torch.fx
+        return model, False
+
+
+def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int, dynamic_batch: bool = False) -> dict:
+    """Writes a checked, simplified ONNX file; returns what the manifest records about it."""
+    import onnx
+    import onnxsim
+
+    path = Path(path)
+    folded, traced = fold_batchnorm(model)
+    example = torch.zeros(1, channels, resolution, resolution)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated, but the dynamo exporter in torch 2.14 cannot write opset 17 for
+        # these models (its down-conversion from 18 fails on ReduceMean) and specialises a batch of 1.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                folded, (example,), str(path), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+            )
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise EdgekdError(f"PyTorch could not export the model to ONNX ({first}): the model uses an operation "
+                              f"ONNX opset {OPSET} cannot express") from None
+    graph = onnx.load(str(path))
+    simplified, ok = onnxsim.simplify(graph)
+    if not ok:
+        raise EdgekdError(f"onnxsim could not validate the simplified {path.name}: export with a plain model "
+                          "or report the model")
+    onnx.checker.check_model(simplified, full_check=True)
+    onnx.save(simplified, str(path))
+    ops = Counter(node.op_type for node in simplified.graph.node)
+    return {
+        "opset": OPSET,
+        "exporter": "torch.onnx (TorchScript)",
+        "batchnorm_folded": "BatchNormalization" not in ops,
+        "batchnorm_folded_in_pytorch": traced,
+        "dynamic_batch": dynamic_batch,
+        "nodes": int(sum(ops.values())),
+        "ops": dict(sorted(ops.items())),
+        "export_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def build(job) -> dict:
+    """The `onnx` format: the ONNX file itself, verified in ONNX Runtime against PyTorch."""
+    from .verify import check, compare, onnxruntime_logits
+
+    path = job.stage / f"{job.stem}.onnx"
+    info = export_onnx(job.model, path, resolution=job.resolution, channels=job.channels,
+                       dynamic_batch=job.options.get("dynamic_batch", False))
+    job.check_flash(path)
+    started = time.perf_counter()
+    logits = onnxruntime_logits(path, job.samples.test_x)
+    metrics = compare(job.reference_logits, logits, job.samples.test_y)
+    metrics.update(runtime="onnxruntime", seconds=round(time.perf_counter() - started, 3))
+    check(metrics, "fp32", f"ONNX model {path.name}", fp32_tolerance=job.fp32_tolerance)
+    batch = "batch" if info["dynamic_batch"] else 1
+    return {
+        "artifact": path,
+        "onnx": info,
+        "ops": info["ops"],
+        "io": {
+            "input": {"name": INPUT_NAME, "shape": [batch, job.channels, job.resolution, job.resolution],
+                      "layout": "NCHW", "dtype": "float32", "quantization": None},
+            "output": {"name": OUTPUT_NAME, "shape": [batch, job.num_classes], "dtype": "float32", "quantization": None},
+        },
+        "verification": {"onnxruntime": metrics},
+    }
