@@ -106,17 +106,25 @@ def probe_size(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, taps: Sequence[Tap | str]) -> list[tuple[int, int]]:
-    """(channels, reduction) of each tap, from one eval-mode forward of a blank image at twice the total stride."""
+def blank_forward(model: nn.Module, run=None):
+    """One eval-mode forward of a blank image at twice the total stride (structure probes); restores the mode.
+
+    `run(model, x)` replaces the plain `model(x)` call; returns (its result, the probe size)."""
     size = probe_size(model)
     in_chans = getattr(model, "model_config", {}).get("in_chans", 3)
     param = next(model.parameters())
+    x = torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
-        _, feats = run_with_taps(model, torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype), taps)
+        return (run(model, x) if run is not None else model(x)), size
     finally:
         model.train(was_training)
+
+
+def probe(model: nn.Module, taps: Sequence[Tap | str]) -> list[tuple[int, int]]:
+    """(channels, reduction) of each tap, from one blank forward."""
+    (_, feats), size = blank_forward(model, lambda m, x: run_with_taps(m, x, taps))
     return [(f.shape[1], max(1, round(size / f.shape[-1]))) for f in feats]
 
 

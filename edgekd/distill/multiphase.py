@@ -55,7 +55,7 @@ def parameters_by_stage(model: nn.Module, boundaries: Sequence[str]) -> list[lis
     """The model's parameters grouped by where they run: group i holds those used after boundary i-1 up to
     boundary i (module paths, forward order); the last group holds those used after the last boundary (the
     head). Found from one forward in execution order, so it holds for any architecture."""
-    from .features import modules_at, probe_size
+    from .features import blank_forward, modules_at
 
     bounds = modules_at(model, boundaries)
     stage_of_boundary = {id(m): i + 1 for i, m in enumerate(bounds)}
@@ -72,16 +72,9 @@ def parameters_by_stage(model: nn.Module, boundaries: Sequence[str]) -> list[lis
     for m in model.modules():
         if id(m) in stage_of_boundary or any(True for _ in m.parameters(recurse=False)):
             handles.append(m.register_forward_hook(hook))
-    size = probe_size(model)
-    in_chans = getattr(model, "model_config", {}).get("in_chans", 3)
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+        blank_forward(model)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     groups: list[list[nn.Parameter]] = [[] for _ in range(len(bounds) + 1)]
