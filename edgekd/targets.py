@@ -59,8 +59,16 @@ _SCHEMA: dict[str, Any] = {
     },
     "latency_budget_ms": ("float", "the latency budget per inference in ms"),
     "model_options": ("options", "create_model options, e.g. {low_res_stem: true}"),
+    "latency_model": {
+        "cycles_per_mac": ("float", "core cycles per multiply-accumulate of conv/depthwise/fully-connected ops"),
+        "cycles_per_element": ("float0", "core cycles per input element of elementwise, pooling and pad ops"),
+        "cycles_per_op": ("float0", "fixed cycles per operator (dispatch, kernel launch)"),
+        "references": ("references", "published measurements the model was fitted to or is checked against"),
+    },
 }
-_OPTIONAL = {"model_options"}  # a target may imply no model options
+_OPTIONAL = {"model_options", "latency_model"}  # a target may imply no model options, and may lack a latency model
+REFERENCE_KEYS = {"model": str, "resolution": int, "num_classes": int, "in_chans": int, "latency_ms": float,
+                  "clock_hz": int, "role": ("fit", "check"), "source": str}
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,28 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A published latency of a model on a device, with the device's clock (cycles transfer across clocks)."""
+
+    model: str
+    resolution: int
+    num_classes: int
+    in_chans: int
+    latency_ms: float
+    clock_hz: int
+    role: str  # "fit": the latency model was fitted to it; "check": held out, only compared
+    source: str
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    cycles_per_mac: float
+    cycles_per_element: float
+    cycles_per_op: float
+    references: tuple[Reference, ...]
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -101,6 +131,7 @@ class Target:
     latency_budget_ms: float
     model_options: Mapping[str, Any] = field(hash=False)  # read-only (MappingProxyType)
     source_path: Path
+    latency_model: LatencyModel | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with exactly the YAML keys (no source_path); round-trips through parse_target."""
@@ -119,6 +150,10 @@ class Target:
             "input": {"resolution": self.input.resolution, "channels": self.input.channels},
             "latency_budget_ms": self.latency_budget_ms,
             "model_options": dict(self.model_options),
+            **({"latency_model": {**{k: getattr(self.latency_model, k) for k in
+                                     ("cycles_per_mac", "cycles_per_element", "cycles_per_op")},
+                                  "references": [vars(r).copy() for r in self.latency_model.references]}}
+               if self.latency_model else {}),
         }
 
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -205,6 +240,8 @@ def _check_value(value: Any, spec: tuple, key: str, source: str) -> Any:
         if not isinstance(value, str) or not value.strip():
             raise _fail(source, f"'{key}' must be a non-empty string, got {value!r}; set it to {hint}")
         return value
+    if kind == "references":
+        return _check_references(value, key, source)
     if kind == "options":
         if value is None:
             value = {}
@@ -218,16 +255,41 @@ def _check_value(value: Any, spec: tuple, key: str, source: str) -> Any:
         return MappingProxyType(dict(value))
     # numbers; bool is an int subclass in Python but never a valid count
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "a whole number" if kind == "int" else "a number"
+        what = "a whole number" if kind == "int" else "a number"  # float and float0 alike
         extra = "; write a plain number without quotes"
         if isinstance(value, str) and _parses_as_float(value):
             extra = " (PyYAML reads an exponent without a sign as a string: write 1.0e+9, not 1e9)"
         raise _fail(source, f"'{key}' must be {what} ({hint}), got {type(value).__name__} {value!r}{extra}")
     if kind == "int" and not isinstance(value, int):
         raise _fail(source, f"'{key}' must be a whole number ({hint}), got {value!r}; drop the decimal part")
+    if kind == "float0":
+        if not math.isfinite(value) or value < 0:
+            raise _fail(source, f"'{key}' must be a number >= 0 ({hint}), got {value!r}")
+        return float(value)
     if not math.isfinite(value) or value <= 0:
         raise _fail(source, f"'{key}' must be a positive number ({hint}), got {value!r}")
     return float(value) if kind == "float" else value
+
+
+def _check_references(value: Any, key: str, source: str) -> tuple["Reference", ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(source, f"'{key}' must be a non-empty list of measurements with keys {', '.join(REFERENCE_KEYS)}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"'{key}[{i}]'"
+        if not isinstance(item, dict) or set(item) != set(REFERENCE_KEYS):
+            got = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise _fail(source, f"{where} must have exactly the keys {', '.join(REFERENCE_KEYS)}, got {got}")
+        for k, kind in REFERENCE_KEYS.items():
+            v = item[k]
+            ok = v in kind if isinstance(kind, tuple) else (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 if kind is float else
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 if kind is int else isinstance(v, str) and v)
+            if not ok:
+                want = " or ".join(kind) if isinstance(kind, tuple) else f"a positive {kind.__name__}"
+                raise _fail(source, f"{where}.{k} must be {want}, got {v!r}")
+        out.append(Reference(**{**item, "latency_ms": float(item["latency_ms"])}))
+    return tuple(out)
 
 
 def _parses_as_float(text: str) -> bool:
@@ -254,7 +316,7 @@ def _check_section(data: Any, schema: dict, prefix: str, source: str) -> dict[st
         path = prefix + key
         if key not in data:
             if path in _OPTIONAL:
-                out[key] = MappingProxyType({})
+                out[key] = MappingProxyType({}) if path == "model_options" else None
                 continue
             hint = f"a section with {', '.join(spec)}" if isinstance(spec, dict) else spec[1]
             raise _fail(source, f"missing key '{path}'; add it ({hint})")
@@ -289,6 +351,7 @@ def parse_target(data: dict, source: str) -> Target:
         latency_budget_ms=v["latency_budget_ms"],
         model_options=v["model_options"],
         source_path=Path(source),
+        latency_model=LatencyModel(**v["latency_model"]) if v.get("latency_model") else None,
     )
 
 

@@ -1,0 +1,109 @@
+"""Memory and flash estimates of a graph for a full-int8 TFLite Micro deployment (and plain byte counts otherwise).
+
+- Activations: the greedy arena plan of the graph's non-constant tensors (edgekd.profile.memory), what TFLite
+  Micro calls the arena's "head". Exact when the graph is read from the .tflite file itself.
+- Persistent arena ("tail"): TFLite Micro's per-tensor and per-node structs, per-channel requantisation
+  arrays (an int32 multiplier and shift per output channel of every conv) and each kernel's op data. The
+  coefficients are fitted to the recording allocator's numbers for the zoo at 32 and 64 px
+  (tools/measure_tflm.py -> profiles/calibration/tflm-measurements.jsonl; `python tools/fit_profiler.py`
+  prints the fit and its error). They are for TFLM's reference kernels on a 64-bit host: on a 32-bit MCU the
+  structs are smaller, so the figure is conservative there.
+- Flash: the .tflite file: int8 kernels, int32 biases, per-channel scale (float32) + zero point (int64) for the
+  weights and biases of every conv, plus flatbuffer tables per tensor and operator (fitted the same way).
+  The firmware's interpreter and kernel code come on top (not part of the model).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .graph import BYTES_PER_ELEMENT, Graph
+from .memory import Buffer, Plan, plan_greedy
+
+# TFLite Micro persistent arena on a 64-bit host, bytes; fitted by tools/fit_profiler.py
+TAIL_COEFFICIENTS = {
+    "constant": 2000.0,
+    "per_tensor": 24.0,
+    "per_op": 150.0,
+    "per_quant_channel": 8.0,  # int32 output multiplier + int32 shift per conv output channel (TFLM source)
+}
+# .tflite flatbuffer bytes beyond the constant data; fitted by tools/fit_profiler.py
+FLASH_COEFFICIENTS = {
+    "constant": 2000.0,
+    "per_tensor": 40.0,
+    "per_op": 40.0,
+    "per_quant_channel": 24.0,  # (float32 scale + int64 zero point) x (weights + biases)
+    "per_fc_channel": 12.0,
+}
+PERSISTENT_NOTE = ("SRAM = planned activations + TFLite Micro's persistent allocations as measured with its reference "
+                   "kernels on a 64-bit host; 32-bit MCU structs are smaller, optimised kernels may add scratch")
+TAIL_BY_KIND: dict[str, float] = {}
+FLASH_BY_KIND: dict[str, float] = {}
+
+
+def activation_buffers(graph: Graph, precision: str) -> list[Buffer]:
+    per_element = BYTES_PER_ELEMENT[precision]
+    return [Buffer(name, graph.tensors[name].elements * per_element, first, last)
+            for name, (first, last) in graph.lifetimes().items()]
+
+
+def plan(graph: Graph, precision: str) -> Plan:
+    return plan_greedy(activation_buffers(graph, precision))
+
+
+def features(graph: Graph) -> dict[str, float]:
+    """What the overhead models are linear in."""
+    kinds = Counter(op.kind for op in graph.ops)
+    return {
+        "tensors": float(len(graph.tensors) + sum(_constants(op.kind, op.bias_elements) for op in graph.ops)),
+        "ops": float(len(graph.ops)),
+        "quant_channels": float(sum(op.quant_channels for op in graph.ops)),
+        "fc_channels": float(sum(graph.tensors[op.output].shape[-1] for op in graph.ops
+                                 if op.kind == "FULLY_CONNECTED")),
+        "constant_bytes": float(graph.weight_bytes("int8")),
+        **{f"op:{kind}": float(n) for kind, n in kinds.items()},
+    }
+
+
+def _constants(kind: str, bias_elements: int) -> int:
+    """Constant tensors an op of this kind carries in a .tflite (weights, biases, paddings, axes, scalars)."""
+    if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        return 1 + (1 if bias_elements else 0)
+    return 1 if kind in ("PAD", "MEAN") else 0
+
+
+def _linear(f: dict[str, float], coefficients: dict[str, float], by_kind: dict[str, float]) -> float:
+    total = coefficients["constant"]
+    total += coefficients["per_tensor"] * f["tensors"] + coefficients["per_op"] * f["ops"]
+    total += coefficients["per_quant_channel"] * f["quant_channels"]
+    total += coefficients.get("per_fc_channel", 0.0) * f["fc_channels"]
+    total += sum(by_kind.get(key[3:], 0.0) * n for key, n in f.items() if key.startswith("op:"))
+    return total
+
+
+def tail_bytes(graph: Graph) -> int:
+    return int(round(_linear(features(graph), TAIL_COEFFICIENTS, TAIL_BY_KIND)))
+
+
+def flash_bytes(graph: Graph, precision: str) -> int:
+    if precision != "int8":
+        return graph.weight_bytes(precision)
+    f = features(graph)
+    return int(round(f["constant_bytes"] + _linear(f, FLASH_COEFFICIENTS, FLASH_BY_KIND)))
+
+
+def estimate_graph(graph: Graph, precision: str) -> dict:
+    """MACs, params and memory of `graph` deployed at `precision` (bytes)."""
+    arena = plan(graph, precision)
+    out = {
+        "macs": graph.macs,
+        "params": graph.params,
+        "weight_bytes": graph.weight_bytes(precision),
+        "activation_bytes": arena.peak_bytes,
+        "flash_bytes": flash_bytes(graph, precision),
+        "ops": len(graph.ops),
+        "features": features(graph),
+    }
+    if precision == "int8":
+        out["persistent_bytes"] = tail_bytes(graph)
+        out["arena_bytes"] = arena.peak_bytes + out["persistent_bytes"]
+    return out
