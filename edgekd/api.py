@@ -55,6 +55,85 @@ def build_student(config: TrainConfig, resolved: Resolved, num_classes: int) -> 
                         input_size=resolved.resolution, **options)
 
 
+AUTO_STUDENT = "auto"
+
+
+def _auto_student(config: TrainConfig, resolved: Resolved, num_classes: int, console) -> tuple[TrainConfig, dict]:
+    """--student auto: the zoo student with the most compute that fits the target at the run's resolution."""
+    from .profile.select import Candidate, default_candidates, select as select_students
+
+    if resolved.target is None:
+        raise EdgekdError("--student auto chooses for a device: pass --target NAME (see `edgekd targets list`)")
+    candidates = [Candidate(c.model, resolved.resolution) for c in default_candidates(resolved.target)
+                  if c.resolution == resolved.resolution]
+    result = select_students(resolved.target, candidates, num_classes)
+    chosen = result.chosen
+    if console is not None:
+        console.print(f"--student auto: {result.reason}")
+    options = {k: v for k, v in chosen["model_options"].items() if k not in resolved.model_options}
+    config = config.replace(student=chosen["model"], student_options={**options, **config.student_options})
+    return config, {"target": result.target, "chosen": chosen, "reason": result.reason, "candidates": result.rows}
+
+
+def select(target: str | Target, candidates=None, *, sweep: str | None = None, resolutions=None,
+           num_classes: int = 10):
+    """Rank students for a target by estimated cost (see edgekd.profile.select); returns a Selection."""
+    from .profile import select as sel
+
+    target = load_target(target) if isinstance(target, str) else target
+    chosen: list = []
+    if sweep:
+        chosen += sel.parse_sweep(sweep)
+    if candidates:
+        chosen += sel.candidates_from_specs(candidates, resolutions)
+    if not chosen:
+        chosen = sel.default_candidates(target) if not resolutions else [
+            sel.Candidate(c.model, r) for c in sel.default_candidates(target) for r in resolutions
+            if c.resolution == target.input.resolution]
+    return sel.select(target, chosen, num_classes)
+
+
+def profile(sources, targets=None, *, runners=None, resolution: int | None = None, out_dir="profiles",
+            threads: int = 1, runs: int = 100, plot: bool = True, console=None) -> dict:
+    """Profile each source on each target; writes profiles/<target>/*.json, report.md and report.png.
+
+    Returns {target name: {"reports": [...], "json": [paths], "markdown": path, "plot": path}}."""
+    from .profile import latency as lat
+    from .profile import report as rep
+    from .profile.profiler import check_runners, profile_one, resolve_source
+
+    if not sources:
+        raise EdgekdError("nothing to profile: pass a run directory, an export bundle or NAME@RESOLUTION")
+    check_runners(runners)
+    resolved = [resolve_source(str(s), resolution) for s in sources]
+    if not targets:
+        run_targets = set()
+        for s in resolved:
+            config = (s.path / "config.yaml") if s.kind == "run" else None
+            if config is not None and config.is_file() and TrainConfig.load(config).target:
+                run_targets.add(TrainConfig.load(config).target)
+        if not run_targets:
+            raise EdgekdError("which device? pass --target NAME (see `edgekd targets list`); only runs trained with "
+                              "--target carry one")
+        targets = sorted(run_targets)
+    target_objs = [load_target(t) if isinstance(t, str) else t for t in targets]
+    peak = lat.host_peak_macs_per_s(threads) if runners != () else None
+    out = {}
+    for target in target_objs:
+        reports = []
+        for s in resolved:
+            if console is not None:
+                console.print(f"profiling {s.label} on {target.name}")
+            reports.append(profile_one(s, target, runners, threads=threads, runs=runs, host_peak=peak))
+        directory = Path(out_dir) / target.name
+        paths = [rep.write_json(r, directory) for r in reports]
+        markdown = directory / "report.md"
+        markdown.write_text(rep.markdown_table(reports, target))
+        png = rep.plot(reports, target, directory / "report.png") if plot else None
+        out[target.name] = {"reports": reports, "json": paths, "markdown": markdown, "plot": png}
+    return out
+
+
 def is_checkpoint_source(source: str) -> bool:
     return source.endswith((".pt", ".pth")) or Path(source).is_dir() or "/" in source
 
@@ -91,12 +170,17 @@ def train(
         data = load_data(config.data, resolution=resolved.resolution, channels=resolved.channels,
                          seed=config.split_seed, val_fraction=config.val_fraction, limit=config.limit)
         num_classes = data.info.num_classes
+        selection = None
+        if config.student == AUTO_STUDENT:
+            config, selection = _auto_student(config, resolved, num_classes, console if dist.is_main else None)
         torch.manual_seed(config.seed)
         student = build_student(config, resolved, num_classes)
         loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher else None
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
+            if selection is not None:
+                (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
         barrier(dist)
 
         teacher, teacher_info = None, None

@@ -75,7 +75,7 @@ TRAIN_FIELDS = {
 @main.command()
 @click.option("--target", help="Device target (see `edgekd targets list`): sets resolution, channels, model options.")
 @click.option("--data", help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
-@click.option("--student", help="Student architecture (see `edgekd models`).")
+@click.option("--student", help="Student architecture (see `edgekd models`), or 'auto' to pick the largest that fits --target.")
 @click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1.")
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
 @click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
@@ -278,3 +278,65 @@ def _bytes(n: int) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command("profile")
+@click.argument("sources", nargs=-1)
+@click.option("--target", "targets", multiple=True, help="Device target(s); default: the run's --target.")
+@click.option("--runners", help=f"Host runners, comma-separated: pytorch,onnxruntime,litert,tflite-micro; 'none' to skip "
+                                "timing (default: those the source supports).")
+@click.option("--resolution", type=int, help="Resolution for bare model names (else write NAME@RES).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("profiles"),
+              show_default=True, help="Reports go to OUT/<target>/.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Host threads for timing.")
+@click.option("--runs", type=click.IntRange(min=5), default=100, show_default=True, help="Timed runs per host runner.")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG.")
+@friendly_errors
+def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, no_plot):
+    """MACs, memory, flash, latency (device estimate + host timings) and accuracy of SOURCES per target.
+
+    SOURCE: a run directory, an export bundle (or its file), or NAME@RESOLUTION of a zoo model."""
+    from . import api
+
+    console = _console()
+    parsed = None if runners is None else (() if runners == "none" else tuple(r.strip() for r in runners.split(",") if r.strip()))
+    result = api.profile(list(sources), list(targets) or None, runners=parsed, resolution=resolution, out_dir=out_dir,
+                         threads=threads, runs=runs, plot=not no_plot, console=console)
+    for name, r in result.items():
+        console.print(r["markdown"].read_text(), markup=False)
+        console.print(f"{name}: {len(r['json'])} profile(s) in {r['markdown'].parent} (report.md"
+                      + (", report.png" if r["plot"] else "") + ")")
+
+
+@main.command("select")
+@click.argument("candidates", nargs=-1)
+@click.option("--target", required=True, help="Device target (see `edgekd targets list`).")
+@click.option("--sweep", help="arch=NAME[,NAME];width=W[,W];res=R[,R] (cross product).")
+@click.option("--resolutions", help="Comma-separated resolutions for bare candidate names.")
+@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True)
+@friendly_errors
+def select_cmd(candidates, target, sweep, resolutions, num_classes):
+    """Rank students for TARGET by estimated cost: those within its SRAM, flash and latency budgets, Pareto front first.
+
+    CANDIDATES: NAME@RES (default: the zoo's students around the target's resolution)."""
+    from rich.table import Table
+
+    from . import api
+    from .targets import format_bytes
+
+    try:
+        res = [int(r) for r in resolutions.split(",")] if resolutions else None
+    except ValueError:
+        raise EdgekdError(f"--resolutions takes whole numbers separated by commas, got '{resolutions}'") from None
+    result = api.select(target, list(candidates), sweep=sweep, resolutions=res, num_classes=num_classes)
+    console = _console()
+    table = Table(title=f"students for {result.target} (estimates)")
+    for col in ("candidate", "MACs", "params", "SRAM", "flash", "latency ms", "fits", "Pareto"):
+        table.add_column(col)
+    for r in sorted(result.rows, key=lambda r: (bool(r["misses"]), not r["pareto"], -r["macs"])):
+        misses = ", ".join(f"{k} +{v:.0%}" for k, v in r["misses"].items())
+        table.add_row(r["candidate"], f"{r['macs'] / 1e6:.2f}M", f"{r['params'] / 1e3:.0f}K", format_bytes(r["sram_bytes"]),
+                      format_bytes(r["flash_bytes"]), f"{r['latency_ms']:.3g}", "yes" if not misses else f"no ({misses})",
+                      "*" if r["pareto"] else "")
+    console.print(table)
+    console.print(result.reason)
