@@ -19,25 +19,15 @@ from collections import Counter
 from .graph import BYTES_PER_ELEMENT, Graph
 from .memory import Buffer, Plan, plan_greedy
 
-# TFLite Micro persistent arena on a 64-bit host, bytes; fitted by tools/fit_profiler.py
-TAIL_COEFFICIENTS = {
-    "constant": 2000.0,
-    "per_tensor": 24.0,
-    "per_op": 150.0,
-    "per_quant_channel": 8.0,  # int32 output multiplier + int32 shift per conv output channel (TFLM source)
-}
-# .tflite flatbuffer bytes beyond the constant data; fitted by tools/fit_profiler.py
-FLASH_COEFFICIENTS = {
-    "constant": 2000.0,
-    "per_tensor": 40.0,
-    "per_op": 40.0,
-    "per_quant_channel": 24.0,  # (float32 scale + int64 zero point) x (weights + biases)
-    "per_fc_channel": 12.0,
-}
+# Fitted by `python tools/fit_profiler.py --memory profiles/calibration/tflm-measurements.jsonl` (bytes).
+# TFLite Micro persistent arena ("tail") on a 64-bit host; the per-channel term came out at exactly 8 bytes, the
+# int32 multiplier + shift per conv output channel that TFLM's source allocates.
+TAIL_COEFFICIENTS = {"constant": 758.73, "tensors": 66.27, "ops": 51.96, "quant_channels": 8.0}
+# .tflite bytes beyond the raw constants (int8 kernels, int32 biases): per-channel scale + zero point of weights
+# and biases, flatbuffer tables per tensor, fixed metadata
+FLASH_COEFFICIENTS = {"constant": 8740.54, "tensors": 122.44, "quant_channels": 20.77}
 PERSISTENT_NOTE = ("SRAM = planned activations + TFLite Micro's persistent allocations as measured with its reference "
                    "kernels on a 64-bit host; 32-bit MCU structs are smaller, optimised kernels may add scratch")
-TAIL_BY_KIND: dict[str, float] = {}
-FLASH_BY_KIND: dict[str, float] = {}
 
 
 def activation_buffers(graph: Graph, precision: str) -> list[Buffer]:
@@ -71,24 +61,19 @@ def _constants(kind: str, bias_elements: int) -> int:
     return 1 if kind in ("PAD", "MEAN") else 0
 
 
-def _linear(f: dict[str, float], coefficients: dict[str, float], by_kind: dict[str, float]) -> float:
-    total = coefficients["constant"]
-    total += coefficients["per_tensor"] * f["tensors"] + coefficients["per_op"] * f["ops"]
-    total += coefficients["per_quant_channel"] * f["quant_channels"]
-    total += coefficients.get("per_fc_channel", 0.0) * f["fc_channels"]
-    total += sum(by_kind.get(key[3:], 0.0) * n for key, n in f.items() if key.startswith("op:"))
-    return total
+def _linear(f: dict[str, float], coefficients: dict[str, float]) -> float:
+    return coefficients["constant"] + sum(c * f[name] for name, c in coefficients.items() if name != "constant")
 
 
 def tail_bytes(graph: Graph) -> int:
-    return int(round(_linear(features(graph), TAIL_COEFFICIENTS, TAIL_BY_KIND)))
+    return int(round(_linear(features(graph), TAIL_COEFFICIENTS)))
 
 
 def flash_bytes(graph: Graph, precision: str) -> int:
     if precision != "int8":
         return graph.weight_bytes(precision)
     f = features(graph)
-    return int(round(f["constant_bytes"] + _linear(f, FLASH_COEFFICIENTS, FLASH_BY_KIND)))
+    return int(round(f["constant_bytes"] + _linear(f, FLASH_COEFFICIENTS)))
 
 
 def estimate_graph(graph: Graph, precision: str) -> dict:
