@@ -52,6 +52,7 @@ class Op:
     bias_elements: int = 0  # bias elements (int32 in a full-integer model)
     quant_channels: int = 0  # per-channel quantisation channels (output channels of a conv/dw conv)
     elements_processed: int = 0  # input elements an elementwise/pooling op reads
+    converter_added: bool = False  # work the TFLite converter adds beyond the PyTorch model (see HardSwish after FC)
 
     @property
     def params(self) -> int:
@@ -75,6 +76,11 @@ class Graph:
     @property
     def params(self) -> int:
         return sum(op.params for op in self.ops)
+
+    @property
+    def model_macs(self) -> int:
+        """MACs of the PyTorch model itself (what FLOP counters report); `macs` is what the device runs."""
+        return sum(op.macs for op in self.ops if not op.converter_added)
 
     def op_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(op.kind for op in self.ops).items()))
@@ -226,7 +232,7 @@ class _Lowering:
             twin = f"{node.name}_fc"
             self.graph.tensors[twin] = Tensor(twin, self.graph.tensors[fc.output].shape)
             twin_op = Op(f"{fc.name}.hswish_fc", fc.kind, list(fc.inputs), twin, macs=fc.macs,
-                         weight_elements=fc.weight_elements, bias_elements=fc.bias_elements)
+                         weight_elements=fc.weight_elements, bias_elements=fc.bias_elements, converter_added=True)
             self.graph.ops.append(twin_op)
             self.producer[twin] = twin_op
             fc.bias_elements = 0

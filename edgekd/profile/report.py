@@ -95,7 +95,8 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{target.name} ({target.export.precision}): latency is the target's estimate, not a host timing")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
