@@ -100,7 +100,7 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
     Returns {target name: {"reports": [...], "json": [paths], "markdown": path, "plot": path}}."""
     from .profile import latency as lat
     from .profile import report as rep
-    from .profile.profiler import check_runners, profile_one, resolve_source
+    from .profile.profiler import check_runners, host_timings, profile_one, resolve_source
 
     if not sources:
         raise EdgekdError("nothing to profile: pass a run directory, an export bundle or NAME@RESOLUTION")
@@ -118,13 +118,15 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
         targets = sorted(run_targets)
     target_objs = [load_target(t) if isinstance(t, str) else t for t in targets]
     peak = lat.host_peak_macs_per_s(threads) if runners != () else None
+    timings = {}
+    for s in resolved:  # host timings do not depend on the target: measure each source once
+        if console is not None:
+            console.print(f"profiling {s.label}: timing on this host")
+        timings[s.label] = host_timings(s, runners, threads=threads, runs=runs)
     out = {}
     for target in target_objs:
-        reports = []
-        for s in resolved:
-            if console is not None:
-                console.print(f"profiling {s.label} on {target.name}")
-            reports.append(profile_one(s, target, runners, threads=threads, runs=runs, host_peak=peak))
+        reports = [profile_one(s, target, runners, threads=threads, runs=runs, host_peak=peak,
+                               timings=timings[s.label]) for s in resolved]
         directory = Path(out_dir) / target.name
         paths = [rep.write_json(r, directory) for r in reports]
         markdown = directory / "report.md"

@@ -325,3 +325,22 @@ def test_tensorrt_int8_is_a_qdq_model_that_runs_in_onnxruntime(trained_run, tmp_
         expected = model.eval()(torch.from_numpy(x)).numpy().argmax(1)
     assert (onnxruntime_logits(artifact.path, x).argmax(1) == expected).mean() >= 0.85
     assert "--int8" in (artifact.bundle / "build_engine.sh").read_text()
+
+
+@pytest.mark.slow
+def test_profile_of_the_int8_export_uses_its_graph_and_measurements(int8_bundle, tmp_path):
+    """`edgekd profile BUNDLE`: the exact .tflite graph, the measured arena and size beside the estimates, accuracy
+    from the manifest and all four host runners."""
+    bundle, m = int8_bundle
+    out = CliRunner().invoke(main, ["profile", str(bundle), "--target", "cortex-m7", "--runs", "5",
+                                    "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "cortex-m7" / f"{bundle.name}.json").read_text())
+    assert report["graph"]["from"] == "tflite" and sum(report["graph"]["op_counts"].values()) == sum(m["ops"].values())
+    measured = report["measured"]
+    assert measured["tflm_arena_bytes"] == m["tflm"]["arena_bytes"] and measured["tflite_bytes"] == m["artifact"]["bytes"]
+    assert abs(report["estimate"]["arena_bytes"] / measured["tflm_arena_bytes"] - 1) <= 0.10
+    assert abs(report["estimate"]["flash_bytes"] / measured["tflite_bytes"] - 1) <= 0.05
+    assert report["accuracy"]["exported_runtime"] == "tflite_micro"
+    assert report["accuracy"]["exported"] == m["verification"]["tflite_micro"]["accuracy"]
+    assert [t["runner"] for t in report["latency"]["host"]] == ["pytorch", "onnxruntime", "litert", "tflite-micro"]

@@ -19,43 +19,50 @@ from edgekd.profile.latency import fit_latency_model, reference_errors
 from edgekd.targets import list_targets
 
 
-TAIL_FEATURES = ("tensors", "ops", "quant_channels")
 FLASH_FEATURES = ("tensors", "quant_channels")
 
 
 def fit_memory(path: Path) -> None:
-    """Least squares of TFLM's persistent bytes and the .tflite bytes beyond the raw constants on the graph
-    features of the exported files; prints the coefficients for edgekd/profile/estimate.py and the error of the
+    """Fit the persistent-arena op data (non-negative, per op kind) and the .tflite overhead to the graph features
+    of the exported files; print the coefficients for edgekd/profile/estimate.py and the leave-one-out error of the
     estimate from the traced PyTorch model (what `edgekd profile` uses before export) on every measurement."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from scipy.optimize import nnls
 
-    def design(key: str, names) -> np.ndarray:
+    from edgekd.profile.estimate import TAIL_FIXED
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kinds = sorted({k for r in rows for k in r["estimate_from_tflite"]["features"] if k.startswith("op:")})
+
+    def feats(key: str, names) -> np.ndarray:
         return np.array([[1.0, *(r[key]["features"].get(n, 0.0) for n in names)] for r in rows])
 
-    predicted_tail = None
-    for what, names, measured, offset in (
-            ("tail", TAIL_FEATURES, [r["tflm"]["tail"] for r in rows], None),
-            ("flash", FLASH_FEATURES, [r["tflite_bytes"] for r in rows], "constant_bytes")):
-        measured = np.array(measured, float)
+    def fixed(key: str) -> np.ndarray:
+        return np.array([sum(c * r[key]["features"][n] for n, c in TAIL_FIXED.items()) for r in rows])
 
-        def base(key: str) -> np.ndarray:
-            return np.array([r[key]["features"][offset] if offset else 0.0 for r in rows])
+    tail = np.array([r["tflm"]["tail"] for r in rows], float)
+    exact, traced = feats("estimate_from_tflite", kinds), feats("estimate_traced", kinds)
+    target = tail - fixed("estimate_from_tflite")
+    coef, _ = nnls(exact, target)
+    print("TAIL_OP_DATA = {" + ", ".join(f'"{n}": {c:.1f}' for n, c in zip(("constant", *(k[3:] for k in kinds)), coef)
+                                         if c > 0 or n == "constant") + "}")
+    loo_tail = np.array([traced[i] @ nnls(np.delete(exact, i, 0), np.delete(target, i))[0] for i in range(len(rows))])
+    loo_tail += fixed("estimate_traced")
+    print(f"  persistent bytes, traced model, leave-one-out over {len(rows)}: max |error| {np.abs(loo_tail / tail - 1).max():.2%}")
 
-        exact, traced = design("estimate_from_tflite", names), design("estimate_traced", names)
-        target = measured - base("estimate_from_tflite")
-        coef, *_ = np.linalg.lstsq(exact, target, rcond=None)
-        print(f"{what}: " + ", ".join(f"{n} {c:.2f}" for n, c in zip(("constant", *names), coef)))
-        # leave-one-out: each model's estimate from coefficients fitted without it
-        loo = np.array([traced[i] @ np.linalg.lstsq(np.delete(exact, i, 0), np.delete(target, i), rcond=None)[0]
-                        for i in range(len(rows))]) + base("estimate_traced")
-        print(f"  traced-model estimate vs measured, leave-one-out over {len(rows)} models: "
-              f"max |error| {np.abs(loo / measured - 1).max():.2%}")
-        if what == "tail":
-            predicted_tail = loo
+    size = np.array([r["tflite_bytes"] for r in rows], float)
+    exact, traced = feats("estimate_from_tflite", FLASH_FEATURES), feats("estimate_traced", FLASH_FEATURES)
+    base = lambda key: np.array([r[key]["features"]["constant_bytes"] for r in rows])  # noqa: E731
+    target = size - base("estimate_from_tflite")
+    coef, *_ = np.linalg.lstsq(exact, target, rcond=None)
+    print("FLASH_COEFFICIENTS = {" + ", ".join(f'"{n}": {c:.2f}' for n, c in zip(("constant", *FLASH_FEATURES), coef)) + "}")
+    loo = np.array([traced[i] @ np.linalg.lstsq(np.delete(exact, i, 0), np.delete(target, i), rcond=None)[0]
+                    for i in range(len(rows))]) + base("estimate_traced")
+    print(f"  flash, traced model, leave-one-out over {len(rows)}: max |error| {np.abs(loo / size - 1).max():.2%}")
+
     head = np.array([r["tflm"]["head"] for r in rows], float)
     total = np.array([r["tflm"]["total"] for r in rows], float)
     planned = np.array([r["estimate_traced"]["activation_bytes"] for r in rows], float)
-    arena = planned + predicted_tail
+    arena = planned + loo_tail
     print(f"activations (planner on the traced model) vs TFLM head: max |error| {np.abs(planned / head - 1).max():.2%}")
     print(f"arena (activations + leave-one-out persistent) vs TFLM total: max |error| {np.abs(arena / total - 1).max():.2%}")
     for r, a, e in zip(rows, arena, arena / total - 1):

@@ -19,13 +19,19 @@ from collections import Counter
 from .graph import BYTES_PER_ELEMENT, Graph
 from .memory import Buffer, Plan, plan_greedy
 
-# Fitted by `python tools/fit_profiler.py --memory profiles/calibration/tflm-measurements.jsonl` (bytes).
-# TFLite Micro persistent arena ("tail") on a 64-bit host; the per-channel term came out at exactly 8 bytes, the
-# int32 multiplier + shift per conv output channel that TFLM's source allocates.
-TAIL_COEFFICIENTS = {"constant": 758.73, "tensors": 66.27, "ops": 51.96, "quant_channels": 8.0}
+# TFLite Micro's persistent arena ("tail") on a 64-bit host: struct sizes read off its recording allocator
+# (TfLiteEvalTensor 24 B per tensor, NodeAndRegistration 64 B per operator) and its source (an int32 multiplier
+# and an int32 shift per conv output channel); the op data each kernel keeps, per operator kind, is fitted by
+# `python tools/fit_profiler.py --memory profiles/calibration/tflm-measurements.jsonl` (non-negative least squares).
+TAIL_FIXED = {"tensors": 24.0, "ops": 64.0, "quant_channels": 8.0}
+TAIL_OP_DATA = {"constant": 0.0, "ADD": 779.5, "HARD_SWISH": 759.3, "LOGISTIC": 136.9}
+# Planning needs temporary memory that the activations later reuse: an AllocationInfo (32 B) per tensor and the
+# greedy planner's per-buffer lists (40 B) per activation tensor; when that exceeds the activations the minimal
+# arena grows by the difference (the constant is from the smallest-head model measured by bisection, tests/).
+PLANNING_BYTES = {"tensors": 32.0, "activation_tensors": 40.0, "constant": 1576.0}
 # .tflite bytes beyond the raw constants (int8 kernels, int32 biases): per-channel scale + zero point of weights
-# and biases, flatbuffer tables per tensor, fixed metadata
-FLASH_COEFFICIENTS = {"constant": 8740.54, "tensors": 122.44, "quant_channels": 20.77}
+# and biases, flatbuffer tables per tensor, fixed metadata; fitted by the same tool (least squares)
+FLASH_COEFFICIENTS = {"constant": -2018.42, "tensors": 264.49, "quant_channels": 20.02}
 PERSISTENT_NOTE = ("SRAM = planned activations + TFLite Micro's persistent allocations as measured with its reference "
                    "kernels on a 64-bit host; 32-bit MCU structs are smaller, optimised kernels may add scratch")
 
@@ -43,30 +49,42 @@ def plan(graph: Graph, precision: str) -> Plan:
 def features(graph: Graph) -> dict[str, float]:
     """What the overhead models are linear in."""
     kinds = Counter(op.kind for op in graph.ops)
+    constants = graph.constant_tensors
+    if constants is None:
+        constants = sum(_constants(op) for op in graph.ops)
     return {
-        "tensors": float(len(graph.tensors) + sum(_constants(op.kind, op.bias_elements) for op in graph.ops)),
+        "tensors": float(len(graph.tensors) + constants),
+        "activation_tensors": float(len(graph.tensors)),
         "ops": float(len(graph.ops)),
         "quant_channels": float(sum(op.quant_channels for op in graph.ops)),
         "fc_channels": float(sum(graph.tensors[op.output].shape[-1] for op in graph.ops
                                  if op.kind == "FULLY_CONNECTED")),
-        "constant_bytes": float(graph.weight_bytes("int8")),
+        "constant_bytes": float(graph.constant_bytes if graph.constant_bytes is not None else graph.weight_bytes("int8")),
         **{f"op:{kind}": float(n) for kind, n in kinds.items()},
     }
 
 
-def _constants(kind: str, bias_elements: int) -> int:
-    """Constant tensors an op of this kind carries in a .tflite (weights, biases, paddings, axes, scalars)."""
-    if kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-        return 1 + (1 if bias_elements else 0)
-    return 1 if kind in ("PAD", "MEAN") else 0
+def _constants(op) -> int:
+    """Constant tensors an op carries in a .tflite (weights, biases, paddings, axes, scalar operands)."""
+    if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        return 1 + (1 if op.bias_elements else 0)
+    if op.kind in ("ADD", "MUL", "SUB"):
+        return 1 if len(op.inputs) == 1 else 0
+    return 1 if op.kind in ("PAD", "MEAN") else 0
 
 
 def _linear(f: dict[str, float], coefficients: dict[str, float]) -> float:
-    return coefficients["constant"] + sum(c * f[name] for name, c in coefficients.items() if name != "constant")
+    return coefficients["constant"] + sum(c * f.get(name, 0.0) for name, c in coefficients.items() if name != "constant")
 
 
 def tail_bytes(graph: Graph) -> int:
-    return int(round(_linear(features(graph), TAIL_COEFFICIENTS)))
+    f = features(graph)
+    op_data = {("constant" if kind == "constant" else f"op:{kind}"): c for kind, c in TAIL_OP_DATA.items()}
+    return int(round(_linear(f, TAIL_FIXED | {"constant": 0.0}) + _linear(f, op_data)))
+
+
+def planning_bytes(graph: Graph) -> int:
+    return int(round(_linear(features(graph), PLANNING_BYTES)))
 
 
 def flash_bytes(graph: Graph, precision: str) -> int:
@@ -90,5 +108,6 @@ def estimate_graph(graph: Graph, precision: str) -> dict:
     }
     if precision == "int8":
         out["persistent_bytes"] = tail_bytes(graph)
-        out["arena_bytes"] = arena.peak_bytes + out["persistent_bytes"]
+        out["planning_bytes"] = planning_bytes(graph)
+        out["arena_bytes"] = max(arena.peak_bytes, out["planning_bytes"]) + out["persistent_bytes"]
     return out

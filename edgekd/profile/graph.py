@@ -68,6 +68,8 @@ class Graph:
     inputs: list[str]
     outputs: list[str]
     notes: list[str] = field(default_factory=list)
+    constant_tensors: int | None = None  # exact count when read from a .tflite; estimated from the ops otherwise
+    constant_bytes: int | None = None  # exact, when read from a .tflite (the converter shares identical buffers)
 
     @property
     def macs(self) -> int:
@@ -402,4 +404,7 @@ def read_tflite(path: Path) -> Graph:
         ops.append(Op(out.name, kind, acts, out.name, **costs))
     inputs = [key[graph.Inputs(j)] for j in range(graph.InputsLength())]
     outputs = [key[graph.Outputs(j)] for j in range(graph.OutputsLength())]
-    return Graph(path.name, "tflite", tensors, ops, inputs, outputs)
+    buffers = {graph.Tensors(i).Buffer() for i in range(graph.TensorsLength())}
+    return Graph(path.name, "tflite", tensors, ops, inputs, outputs,
+                 constant_tensors=graph.TensorsLength() - len(tensors),
+                 constant_bytes=sum(model.Buffers(b).DataLength() for b in buffers))

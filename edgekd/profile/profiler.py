@@ -145,7 +145,9 @@ def _layers(graph: Graph, precision: str, op_ms: list[float] | None) -> list[dic
 
 
 def profile_one(source: Source, target: Target, runners: tuple[str, ...] | None = None, *,
-                threads: int = 1, runs: int = 100, host_peak: float | None = None) -> dict:
+                threads: int = 1, runs: int = 100, host_peak: float | None = None,
+                timings: list[lat.Timing] | None = None) -> dict:
+    """One source on one target. `timings`: host timings measured already (they do not depend on the target)."""
     precision = target.export.precision
     graph = _graph(source, precision)
     est = estimate_graph(graph, precision)
@@ -164,7 +166,8 @@ def profile_one(source: Source, target: Target, runners: tuple[str, ...] | None 
         "latency": latency_ms is not None and latency_ms <= target.latency_budget_ms,
     }
     fits["all"] = all(fits.values())
-    timings = host_timings(source, runners, threads=threads, runs=runs)
+    if timings is None:
+        timings = host_timings(source, runners, threads=threads, runs=runs)
     report = {
         "source": {"kind": source.kind, "label": source.label, "resolution": source.resolution,
                    "channels": source.channels, "path": str(source.path) if source.path else None,
