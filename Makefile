@@ -23,11 +23,12 @@ data:
 	else echo "note: install Fashion-MNIST with 'sudo apt-get install $(DATA_PKG)' or pass --data fashion-mnist:DIR"; fi
 
 # The main job on the built-in default: teacher + distilled student for a Cortex-M7 on Fashion-MNIST, then the
-# student exported as a verified full-int8 TFLite model (run in TFLite Micro) with its C array
+# student exported as a verified full-int8 TFLite model (run in TFLite Micro) with its C array, and its profile
 demo: setup
 	$(BIN)/edgekd train --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000 \
 		--teacher resnet18 --teacher-epochs 5 --epochs 10 --run-dir runs/demo-cortex-m7
 	$(BIN)/edgekd export runs/demo-cortex-m7 --target cortex-m7
+	$(BIN)/edgekd profile runs/demo-cortex-m7
 
 test: setup
 	$(BIN)/python -m pytest -q
