@@ -72,7 +72,7 @@ def export_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['resolution']} | {r['params'] / 1e3:.0f}K | {100 * r['reference_acc']:.1f} "
                      f"| {100 * r['tflite_fp32_acc']:.1f} | {100 * r['int8_litert_acc']:.1f} | {100 * r['int8_tflm_acc']:.1f} "
                      f"| {drop:+.1f} | {r['tflite_fp32_bytes'] / 1024:.0f} KiB | {r['int8_bytes'] / 1024:.0f} KiB "
-                     f"| {r["arena_bytes"] / 1024:.1f} KiB | {r["int8_convert_s"]:.0f} | {r["int8_total_s"]:.0f} |")
+                     f"| {r['arena_bytes'] / 1024:.1f} KiB | {r['int8_convert_s']:.0f} | {r['int8_total_s']:.0f} |")
     return "\n".join(lines)
 
 
