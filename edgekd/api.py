@@ -125,8 +125,11 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
         timings[s.label] = host_timings(s, runners, threads=threads, runs=runs)
     out = {}
     for target in target_objs:
+        calibration = lat.reference_errors(target)  # how far the latency model is from published measurements
         reports = [profile_one(s, target, runners, threads=threads, runs=runs, host_peak=peak,
                                timings=timings[s.label]) for s in resolved]
+        for r in reports:
+            r["latency"]["calibration"] = calibration
         directory = Path(out_dir) / target.name
         paths = [rep.write_json(r, directory) for r in reports]
         markdown = directory / "report.md"

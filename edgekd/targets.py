@@ -174,6 +174,11 @@ class Target:
             ("input", f"{r}x{r}x{self.input.channels}"),
             ("latency budget", f"{_sig(self.latency_budget_ms)} ms"),
             ("model options", options),
+            ("latency model", "none (no device latency estimate)" if self.latency_model is None else
+             f"{_sig(self.latency_model.cycles_per_mac)} cycles/MAC, {_sig(self.latency_model.cycles_per_element)} "
+             f"cycles/element, {_sig(self.latency_model.cycles_per_op)} cycles/op; fitted to "
+             f"{sum(r.role == 'fit' for r in self.latency_model.references)} published measurement(s), "
+             f"{sum(r.role == 'check' for r in self.latency_model.references)} held out"),
             ("file", str(self.source_path)),
         ]
 

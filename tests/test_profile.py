@@ -208,3 +208,19 @@ def test_train_student_auto_chooses_and_records_why(tmp_path):
 def test_student_auto_needs_a_target(tmp_path):
     out = run("train", "--student", "auto", "--data", "digits", "--method", "ce", "--run-dir", str(tmp_path / "r"))
     assert out.exit_code == 2 and "--student auto chooses for a device: pass --target" in out.output
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("source"), "must have exactly the keys"),
+    (lambda r: r.update(role="train"), "role must be fit or check"),
+    (lambda r: r.update(latency_ms=-1), "latency_ms must be a positive float"),
+])
+def test_latency_references_are_validated(change, message):
+    import copy
+
+    from edgekd.targets import parse_target
+
+    data = copy.deepcopy(load_target("cortex-m7").to_dict())
+    change(data["latency_model"]["references"][0])
+    with pytest.raises(EdgekdError, match=message):
+        parse_target(data, "cortex-m7.yaml")

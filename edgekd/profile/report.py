@@ -57,6 +57,11 @@ def markdown_table(reports: Sequence[dict], target: Target) -> str:
                  f"{e['latency_ms']:.3g}" if e["latency_ms"] is not None else "-",
                  *(_host(r, runner) for runner in runners), f"{acc:.1%}" if acc is not None else "-", fits]
         lines.append("| " + " | ".join(cells) + " |")
+    calibration = reports[0]["latency"].get("calibration") if reports else None
+    if calibration:
+        lines += ["", "Device latency model vs published measurements (error of the estimate; `fit`: fitted to it, "
+                  "`check`: held out):", ""]
+        lines += [f"- {c['role']}: {c['model']}@{c['resolution']} {c['error']:+.1%} ({c['source']})" for c in calibration]
     return "\n".join(lines) + "\n"
 
 
