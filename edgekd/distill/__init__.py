@@ -10,6 +10,7 @@ from .fitnet import FitNet
 from .fsp import FSP
 from .kd import HintonKD, kd_loss
 from .logit_l2 import LogitL2
+from .netaug import NetAug, NetAugKD
 from .nst import NeuronSelectivityTransfer
 from .rkd import RelationalKD
 from .sskd import SSKDMultiLoss, StageByStageKD
@@ -17,7 +18,7 @@ from .sskd import SSKDMultiLoss, StageByStageKD
 METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists them")
 for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
                 ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
-                SSKDMultiLoss):
+                SSKDMultiLoss, NetAug, NetAugKD):
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]

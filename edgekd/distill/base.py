@@ -170,6 +170,10 @@ class Distiller(nn.Module):
         """The plain zoo model to export: no exits, adapters or masks."""
         return self.student
 
+    def on_epoch_start(self, epoch: int, epochs: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the trainer before each epoch of a phase (also the epoch a resumed run continues); for
+        methods with epoch-level schedules. Must act the same on every DDP rank."""
+
     def named_extra_modules(self) -> Iterator[tuple[str, nn.Module]]:
         for name, module in self.named_children():
             if name not in {"student", "teacher"}:

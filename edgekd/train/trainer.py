@@ -194,6 +194,7 @@ class Trainer:
         for epoch in range(start_epoch, phase.epochs):
             loader.set_epoch(index * 100_003 + epoch)  # distinct orders per phase, same on every rank
             distiller.train()
+            phase.distiller.on_epoch_start(epoch, phase.epochs, optimizer)
             stats = self._train_epoch(
                 index, phase, module, distiller, optimizer, scaler, loader, epoch, start_step,
                 steps_per_epoch, total_steps, stats, best,
