@@ -82,8 +82,8 @@ def main() -> None:
     body = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
             f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, {args.epochs} epochs, SGD lr "
             f"{args.lr} cosine (one rate for all: NetAug diverges at CE's usual 0.05 on small batches, see "
-            f"docs/methods.md), batch 128, seeds {args.seeds}; the tiny student with the MCU stem (stride 1), the large one with its standard
-stride-2 stem (to keep its CPU cost affordable). NetAug defaults (alpha 1, expand factors "
+            f"docs/methods.md), batch 128, seeds {args.seeds}; the tiny student with the MCU stem (stride 1), the large one "
+            "with its standard stride-2 stem (to keep its CPU cost affordable). NetAug defaults (alpha 1, expand factors "
             "1.0-2.8, width factors 1.0-2.6, augmentation for the first half of the epochs). KD: T=4, alpha 0.9 "
             f"from a `{args.teacher}` teacher trained once ({args.teacher_epochs} epochs, test accuracy "
             f"{100 * teacher_acc:.2f}%). Training time includes NetAug's augmented forward/backward (first half "
