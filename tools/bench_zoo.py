@@ -6,7 +6,7 @@ the run on cortex-m7, cortex-m4 and jetson-nano with all four host runners. Writ
 docs/benchmarks.md (export accuracy/sizes/arena/conversion time; profile table + plot) and keeps every run under
 --out, so a rerun skips finished work.
 
-    python tools/bench_zoo.py --limit 10000 --epochs 5 --resolutions 32 64
+    python tools/bench_zoo.py --limit 10000 --epochs 5 --resolutions 32 48
 """
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ PROFILE_TARGETS = ["cortex-m7", "cortex-m4", "jetson-nano"]
 
 def train_and_export(model: str, resolution: int, args) -> dict:
     run = args.out / f"{model}@{resolution}"
-    if not (run / "summary.json").exists():
-        if run.exists():
-            shutil.rmtree(run)  # an interrupted run restarts: resume needs the same process layout anyway
+    if not (run / "summary.json").exists() and (run / "last.pt").exists():
+        api.train(TrainConfig(run_dir=str(run)), resume=True)  # an interrupted benchmark run continues
+    elif not (run / "summary.json").exists():
+        shutil.rmtree(run, ignore_errors=True)  # stopped before its first checkpoint
         api.train(TrainConfig(run_dir=str(run), data=args.data, student=model, method="ce", teacher=None,
                               resolution=resolution, limit=args.limit, epochs=args.epochs, seed=0,
-                              student_options={"low_res_stem": resolution <= 96}, checkpoint_interval_s=600.0))
+                              student_options={"low_res_stem": resolution <= 96}, checkpoint_interval_s=120.0))
     summary = json.loads((run / "summary.json").read_text())
     row = {"model": model, "resolution": resolution, "params": summary["parameters"],
            "pytorch_acc": summary["test_acc"]}
@@ -98,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--resolutions", nargs="+", type=int, default=[32, 64])
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[32, 48])
     parser.add_argument("--limit", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--verify-images", type=int, default=1000)
