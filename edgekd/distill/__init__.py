@@ -10,6 +10,7 @@ from .fitnet import FitNet
 from .fsp import FSP
 from .kd import HintonKD, kd_loss
 from .logit_l2 import LogitL2
+from .metadistiller import MetaDistiller
 from .netaug import NetAug, NetAugKD
 from .nst import NeuronSelectivityTransfer
 from .rkd import RelationalKD
@@ -18,7 +19,7 @@ from .sskd import SSKDMultiLoss, StageByStageKD
 METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists them")
 for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
                 ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
-                SSKDMultiLoss, NetAug, NetAugKD):
+                SSKDMultiLoss, NetAug, NetAugKD, MetaDistiller):
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]

@@ -170,6 +170,15 @@ class Distiller(nn.Module):
         """The plain zoo model to export: no exits, adapters or masks."""
         return self.student
 
+    def after_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called by the trainer after each optimizer step with the step's batch (this rank's part), for methods
+        with an optimisation of their own (a meta step); returns values to log. Must act the same on every rank."""
+        return {}
+
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        """Extra models the run reports test accuracy for at the end (e.g. an ensemble of exits), by name."""
+        return {}
+
     def on_epoch_start(self, epoch: int, epochs: int, optimizer: torch.optim.Optimizer) -> None:
         """Called by the trainer before each epoch of a phase (also the epoch a resumed run continues); for
         methods with epoch-level schedules. Must act the same on every DDP rank."""

@@ -42,6 +42,14 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
+def average_gradients(grads: list[torch.Tensor]) -> None:
+    """In place: the mean of each tensor over all processes (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for g in grads:
+            dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            g.div_(dist.get_world_size())
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -289,6 +289,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(phase.trainable, phase.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        for name, value in phase.distiller.after_step(x, y, optimizer).items():
+            terms[name] = terms.get(name, 0.0) + value
         return loss_total, correct, terms
 
     # ---- evaluation ---------------------------------------------------------------------------------
@@ -365,6 +367,8 @@ class Trainer:
     def _finish(self, final: Phase, best: dict) -> dict:
         model = final.eval_model
         last_test = self.evaluate(model, "test")["test_acc"]
+        extra = {f"last_epoch_{name}_test_acc": self.evaluate(m, "test")["test_acc"]
+                 for name, m in final.distiller.extra_eval_models().items()}
         payload = read_checkpoint(self.run_dir / "best.pt", kind="model")
         model.load_state_dict(payload["state_dict"])
         best_metrics = {**self.evaluate(model, "val"), **self.evaluate(model, "test")}
@@ -379,6 +383,7 @@ class Trainer:
             "last_epoch_test_acc": last_test,
             "train_images_per_s": throughput,  # per process
             "parameters": sum(p.numel() for p in model.parameters()),
+            **extra,
         }
         return summary
 
