@@ -47,7 +47,7 @@ def main() -> None:
     teacher_run = args.out / "teacher"
     if not (teacher_run / "summary.json").exists():
         api.train(TrainConfig(run_dir=str(teacher_run), **common, student=args.teacher, method="ce", teacher=None,
-                              epochs=args.teacher_epochs, student_options={"low_res_stem": True}, seed=0))
+                              epochs=args.teacher_epochs, student_options={"low_res_stem": False}, seed=0))
     teacher_acc = json.loads((teacher_run / "summary.json").read_text())["test_acc"]
 
     plan = [(args.tiny, "ce"), (args.tiny, "netaug"), (args.tiny, "kd"), (args.tiny, "netaug+kd"),
