@@ -72,6 +72,7 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     with_acc = [r for r in reports if _accuracy(r) is not None]
     use_acc = bool(with_acc)
@@ -97,6 +98,7 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
         if budget is not None:
             ax.axvline(budget, color="black", ls="--", lw=1, label=f"{target.name} budget")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels overlap on short log ranges
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
