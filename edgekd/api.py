@@ -208,6 +208,8 @@ def train(
             console.print(f"method {config.method} needs live teacher features: the teacher runs every step (no cache)")
         trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants)
         result = trainer.fit(phases, resume=resume)
+        if dist.is_main:
+            distiller.write_artifacts(run_dir)
         if outputs is not None and outputs.cache is not None:
             result["teacher_cache"] = outputs.cache.stats()
         summary = {

@@ -11,6 +11,7 @@ from .fsp import FSP
 from .kd import HintonKD, kd_loss
 from .logit_l2 import LogitL2
 from .metadistiller import MetaDistiller
+from .mld import MaskedLayerDistillation
 from .netaug import NetAug, NetAugKD
 from .nst import NeuronSelectivityTransfer
 from .rkd import RelationalKD
@@ -19,7 +20,8 @@ from .sskd import SSKDMultiLoss, StageByStageKD
 METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists them")
 for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
                 ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
-                SSKDMultiLoss, NetAug, NetAugKD, MetaDistiller):
+                SSKDMultiLoss, NetAug, NetAugKD, MetaDistiller,
+                MaskedLayerDistillation):
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]

@@ -175,6 +175,9 @@ class Distiller(nn.Module):
         with an optimisation of their own (a meta step); returns values to log. Must act the same on every rank."""
         return {}
 
+    def write_artifacts(self, run_dir) -> None:
+        """Called once after training (main process): files a method adds to the run (e.g. a plot)."""
+
     def extra_eval_models(self) -> dict[str, nn.Module]:
         """Extra models the run reports test accuracy for at the end (e.g. an ensemble of exits), by name."""
         return {}

@@ -140,6 +140,7 @@ def create_model(
     model = info.builder(num_classes=num_classes, in_chans=in_chans, **merged)
     model.model_config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, **merged}
     model.pretrained_cfg = None
+    model.input_size = input_size  # the resolution it was built for (None: unknown); not part of model_config
     if input_size is not None:
         check_input_size(model, input_size)
         stride = model.feature_info[-1].reduction

@@ -1,0 +1,127 @@
+"""Masked Layer Distillation: the masked L1, the noise injection, mask training, what the local phase trains,
+breakpoints for every family, and a full run with its mask picture and a mid-phase resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgekd import api
+from edgekd.config import OptimConfig, TrainConfig
+from edgekd.distill import METHODS
+from edgekd.distill.mld import masked_l1
+from edgekd.models import create_model
+from edgekd.train.checkpoint import read_checkpoint
+from edgekd.train.trainer import TrainingInterrupted
+
+
+def mld(student="mcunet_tiny", teacher="resnet18", **options):
+    torch.manual_seed(0)
+    t = create_model(teacher, 10, low_res_stem=False, input_size=32).eval()
+    s = create_model(student, 10, low_res_stem=True, input_size=32)
+    cls = METHODS.get("mld")
+    return cls(s, t, cls.Options.from_strings(options))
+
+
+def test_masked_l1_by_hand():
+    t = torch.tensor([[[[1.0, -2.0], [3.0, 0.5]]]])
+    s = torch.tensor([[[[0.0, 0.0], [1.0, 0.5]]]])
+    m = torch.tensor([[[0.0, 0.5], [2.0, -1.0]]])  # weights 1, 0.5, 0 (capped), 1 (ReLU)
+    expected = (1 * 1.0 + 0.5 * 2.0 + 0 * 2.0 + 1 * 0.0) / 4
+    assert masked_l1(t, s, m).item() == pytest.approx(expected)
+
+
+def test_noise_injection_is_a_no_op_when_masks_are_one():
+    d = mld().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for m in d.masks:
+            m.fill_(1.0)
+        noise = [torch.randn_like(f) for f in d.teacher_features(x)]
+        assert torch.allclose(d.noised_teacher(x, noise), d.teacher(x))
+        for m in d.masks:
+            m.fill_(0.0)
+        assert not torch.allclose(d.noised_teacher(x, noise), d.teacher(x))
+
+
+def test_mask_training_lowers_its_objective():
+    d = mld().train()
+    d.teacher.eval()
+    opt = torch.optim.SGD(d.masks.parameters(), lr=0.5)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(8):
+        loss = d.forward_phase("masks", x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in d.student.parameters()) and all(p.grad is None for p in d.teacher.parameters())
+
+
+def test_local_phase_trains_only_the_student_groups_and_adapters():
+    d = mld()
+    phases = {p.name: p for p in d.phases(3, OptimConfig())}
+    trainable = {id(p) for p in phases["local"].trainable}
+    head = {id(p) for p in d.student.classifier.parameters()}
+    assert not trainable & head and not trainable & {id(p) for p in d.teacher.parameters()}
+    assert not trainable & {id(p) for p in d.masks.parameters()}
+    assert {id(p) for p in d.to_teacher.parameters()} <= trainable
+    out = phases["local"].distiller(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out.loss.backward()
+    assert all(p.grad is None for p in d.teacher.parameters()) and all(p.grad is None for p in d.masks.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.blocks.parameters())
+    assert all(p.grad is None for p in d.student.classifier.parameters())
+
+
+@pytest.mark.parametrize("student", ["mobilenetv2_035", "mobilenetv3_small_050", "mobilenetv3_large_035",
+                                     "efficientnet_lite0", "efficientnet_b0", "mcunet_tiny", "resnet18"])
+def test_breakpoints_resolve_for_each_family(student):
+    d = mld(student)
+    assert len(d.student_points) == len(d.teacher_points) == len(d.masks) == 3
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    for phase in ("masks", "local", "kd"):
+        assert torch.isfinite(d.forward_phase(phase, x, y).loss)
+
+
+def test_resnet34_to_resnet18_maps_several_teacher_blocks_to_one_student_group():
+    d = mld("resnet18", "resnet34", breakpoints="4")
+    assert d.student_points == d.teacher_points == ["layer1", "layer2", "layer3", "layer4"]
+    assert len(d.teacher.layer3) == 6 and len(d.student.layer3) == 2
+
+
+def _config(tmp_path: Path, name: str, teacher: str, **changes) -> TrainConfig:
+    base = TrainConfig(run_dir=str(tmp_path / name), data="digits", resolution=32, student="mcunet_tiny",
+                       student_options={"low_res_stem": True}, teacher=teacher, method="mld", epochs=3, batch_size=64,
+                       optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=0, checkpoint_interval_s=1e9)
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("mld") / "teacher"
+    api.train(TrainConfig(run_dir=str(run), data="digits", resolution=32, student="resnet18",
+                          student_options={"low_res_stem": False}, teacher=None, method="ce", epochs=3, batch_size=64,
+                          optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=0, checkpoint_interval_s=1e9))
+    return str(run)
+
+
+def test_mld_runs_its_three_phases_draws_masks_and_resumes(tmp_path, teacher_run):
+    straight = api.train(_config(tmp_path, "straight", teacher_run))
+    assert (Path(straight["run_dir"]) / "masks.png").stat().st_size > 5_000
+    cfg = _config(tmp_path, "interrupted", teacher_run)
+    calls = []
+
+    def stop_in_the_local_phase(trainer, step):
+        calls.append(step)
+        if len(calls) == 22 + 7:
+            trainer.request_stop()
+
+    with pytest.raises(TrainingInterrupted, match="stopped in local"):
+        api.train(cfg, on_step=stop_in_the_local_phase)
+    resumed = api.train(TrainConfig(run_dir=cfg.run_dir), resume=True)
+    a = read_checkpoint(Path(straight["run_dir"]) / "last.pt")
+    b = read_checkpoint(Path(resumed["run_dir"]) / "last.pt")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert all(torch.equal(a["extra"][k], b["extra"][k]) for k in a["extra"])
+    assert any(k.startswith("masks.") for k in a["extra"])
