@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.02, help="one learning rate for every run (NetAug needs ~half of CE's usual)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--large-seeds", type=int, nargs="+", help="seeds for the large student (default: --seeds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_netaug")
     args = parser.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
             (args.large, "ce"), (args.large, "netaug")]
     results: dict[tuple[str, str], list[dict]] = {}
     for student, method in plan:
-        for seed in args.seeds:
+        for seed in (args.large_seeds or args.seeds) if student == args.large else args.seeds:
             run = args.out / f"{student}-{method}-s{seed}"
             if not (run / "summary.json").exists():
                 if run.exists():
@@ -82,7 +83,7 @@ def main() -> None:
     body = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
             f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, {args.epochs} epochs, SGD lr "
             f"{args.lr} cosine (one rate for all: NetAug diverges at CE's usual 0.05 on small batches, see "
-            f"docs/methods.md), batch 128, seeds {args.seeds}; the tiny student with the MCU stem (stride 1), the large one "
+            f"docs/methods.md), batch 128, seeds {args.seeds} (large student: {args.large_seeds or args.seeds}); the tiny student with the MCU stem (stride 1), the large one "
             "with its standard stride-2 stem (to keep its CPU cost affordable). NetAug defaults (alpha 1, expand factors "
             "1.0-2.8, width factors 1.0-2.6, augmentation for the first half of the epochs). KD: T=4, alpha 0.9 "
             f"from a `{args.teacher}` teacher trained once ({args.teacher_epochs} epochs, test accuracy "
