@@ -186,6 +186,16 @@ def test_profile_and_select_errors_are_one_line(args, message):
     assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output
 
 
+def test_unfinished_run_and_corrupt_checkpoint_are_one_line_errors(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("student: mcunet_tiny\n")
+    out = run("profile", str(tmp_path / "run"), "--target", "cortex-m7")
+    assert out.exit_code == 2 and "without best.pt" in out.output
+    (tmp_path / "run" / "best.pt").write_bytes(b"not a checkpoint")
+    out = run("profile", str(tmp_path / "run"), "--target", "cortex-m7")
+    assert out.exit_code == 2 and "Traceback" not in out.output and "best.pt" in out.output
+
+
 def test_artifact_without_manifest_is_rejected(tmp_path):
     (tmp_path / "model.tflite").write_bytes(b"\0" * 64)
     out = run("profile", str(tmp_path / "model.tflite"), "--target", "cortex-m7")

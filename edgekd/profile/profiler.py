@@ -88,6 +88,9 @@ def resolve_source(text: str, resolution: int | None = None) -> Source:
     from ..train.checkpoint import load_model
 
     path = Path(text)
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "best.pt").is_file():
+        raise EdgekdError(f"{path} is a run without best.pt (it did not finish an epoch): resume it with "
+                          f"`edgekd train --resume {path}` or profile NAME@RESOLUTION")
     if path.is_dir() and (path / "best.pt").is_file():  # a run
         model, payload = load_model(path)
         tflite, manifest = _int8_export(path)
