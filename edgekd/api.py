@@ -51,8 +51,23 @@ def resolve(config: TrainConfig) -> Resolved:
 
 def build_student(config: TrainConfig, resolved: Resolved, num_classes: int) -> nn.Module:
     options = {**resolved.model_options, **config.student_options}
+    if config.student_edit:
+        options["edit"] = config.student_edit
     return create_model(config.student, num_classes, in_chans=resolved.channels,
                         input_size=resolved.resolution, **options)
+
+
+def _edited_teacher(teacher: nn.Module, spec: str) -> nn.Module:
+    """The teacher with blocks deleted/inserted, keeping all its other weights (MLD's architecture edits)."""
+    import copy
+
+    from .models.edit import apply_edit
+
+    student = apply_edit(copy.deepcopy(teacher), spec)
+    student.model_config = {**{k: v for k, v in teacher.model_config.items() if k != "edit"}, "edit": spec}
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.train()
 
 
 AUTO_STUDENT = "auto"
@@ -179,8 +194,12 @@ def train(
         if config.student == AUTO_STUDENT:
             config, selection = _auto_student(config, resolved, num_classes, console if dist.is_main else None)
         torch.manual_seed(config.seed)
+        loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher or config.student_edit else None
+        if config.student_edit:  # the student is the teacher's architecture (its weights come after the teacher)
+            arch = loaded_teacher[1]["model_config"] if loaded_teacher else {"name": config.teacher, **config.teacher_options}
+            config = config.replace(student=arch["name"], student_options={
+                k: v for k, v in arch.items() if k not in ("name", "num_classes", "in_chans", "edit")})
         student = build_student(config, resolved, num_classes)
-        loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher else None
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
@@ -189,8 +208,13 @@ def train(
         barrier(dist)
 
         teacher, teacher_info = None, None
-        if method_cls.requires_teacher:
+        if method_cls.requires_teacher or config.student_edit:
             teacher, teacher_info = _prepare_teacher(config, resolved, data, runtime, loaded_teacher, console)
+            teacher.input_size = resolved.resolution  # a loaded checkpoint does not know it
+        if config.student_edit:
+            student = _edited_teacher(teacher, config.student_edit)
+            if not method_cls.requires_teacher:
+                teacher = None
         distiller: Distiller = method_cls(student, teacher, options)
         phases = distiller.phases(config.epochs, config.optim)
         if console is not None and dist.is_main:

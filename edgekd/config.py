@@ -42,6 +42,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     student: str = "mobilenetv3_small_050"
     student_options: dict = field(default_factory=dict)
+    # the student is the teacher's architecture and weights with these blocks deleted/inserted (edgekd.models.edit)
+    student_edit: str = ""
     teacher: str | None = "resnet18"  # zoo name (trained first), checkpoint path or run dir; None: no teacher
     teacher_options: dict = field(default_factory=dict)
     teacher_pretrained: bool = False  # start the teacher from offline ImageNet weights (efficientnet_lite0)
@@ -84,6 +86,12 @@ class TrainConfig:
             raise EdgekdError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
         if self.limit is not None and self.limit < 1:
             raise EdgekdError(f"limit must be >= 1, got {self.limit}")
+        if self.student_edit:
+            from .models.edit import parse_edit
+
+            parse_edit(self.student_edit)
+            if not self.teacher:
+                raise EdgekdError("student_edit makes the student from the teacher: pass --teacher")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -125,3 +125,55 @@ def test_mld_runs_its_three_phases_draws_masks_and_resumes(tmp_path, teacher_run
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
     assert all(torch.equal(a["extra"][k], b["extra"][k]) for k in a["extra"])
     assert any(k.startswith("masks.") for k in a["extra"])
+
+
+# ---------------------------------------------------------------- architecture edits (the paper's second use)
+
+def test_deleting_and_inserting_blocks_keeps_the_other_weights_and_rebuilds():
+    from edgekd.models.edit import apply_edit, describe_blocks
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet34", 10, low_res_stem=False).eval()
+    assert len(describe_blocks(teacher)) == 16
+    x = torch.randn(2, 3, 32, 32)
+    inserted = apply_edit(__import__("copy").deepcopy(teacher), "insert:2")
+    with torch.no_grad():
+        assert torch.allclose(inserted(x), teacher(x), atol=1e-5)  # a new block starts as the identity
+    # resnet34 blocks: layer1 0-2, layer2 3-6, layer3 7-12, layer4 13-15 (3, 7 and 13 downsample)
+    edited = apply_edit(__import__("copy").deepcopy(teacher), "delete:1,2,5;insert:8")
+    assert [len(edited.layer1), len(edited.layer2), len(edited.layer3)] == [1, 3, 7]
+    assert torch.equal(edited.layer4[2].conv1.weight, teacher.layer4[2].conv1.weight)
+    assert torch.equal(edited.layer1[0].conv1.weight, teacher.layer1[0].conv1.weight)
+    with torch.no_grad():
+        assert edited(x).shape == (2, 10)
+    rebuilt = create_model(**{**teacher.model_config, "edit": "delete:1,2,5;insert:8"})
+    rebuilt.load_state_dict(edited.state_dict(), strict=True)
+    mobile = create_model("mobilenetv2_035", 10, edit="delete:2")
+    assert mobile.model_config["edit"] == "delete:2" and mobile.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("delete:0", "changes the feature shape"),  # mobilenetv2's first block changes channels
+    ("delete:2", "changes the feature shape"),  # resnet18's layer2.0 downsamples
+    ("delete:99", "does not exist"),
+    ("delete:0,1", "deletes every block of stage 0"),
+    ("drop:1", "bad architecture edit"),
+])
+def test_bad_edits_are_one_line_errors(spec, message):
+    from edgekd.errors import EdgekdError
+    from edgekd.models.edit import apply_edit
+
+    model = create_model("resnet18", 10, low_res_stem=False)
+    if spec == "delete:0":
+        model = create_model("mobilenetv2_035", 10)  # its first block changes channels
+    with pytest.raises(EdgekdError, match=message):
+        apply_edit(model, spec)
+
+
+def test_mld_student_made_from_the_teacher_by_deleting_blocks(tmp_path, teacher_run):
+    from edgekd.train.checkpoint import load_model
+
+    summary = api.train(_config(tmp_path, "edited", teacher_run, student_edit="delete:1"))
+    model, payload = load_model(Path(summary["run_dir"]))
+    assert payload["model_config"]["name"] == "resnet18" and payload["model_config"]["edit"] == "delete:1"
+    assert len(model.layer1) == 1 and summary["test_acc"] > 0.3

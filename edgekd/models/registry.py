@@ -124,6 +124,7 @@ def create_model(
     input mean/std, whether the classifier was re-initialised); otherwise `pretrained_cfg` is None.
     """
     info = MODELS.get(name)
+    edit = options.pop("edit", None)  # blocks deleted/inserted (edgekd.models.edit), applied after building
     accepted = info.options
     for key in options:
         if key not in accepted:
@@ -138,7 +139,12 @@ def create_model(
         pretrained_mod.prepare_options(info, in_chans, options, merged)
 
     model = info.builder(num_classes=num_classes, in_chans=in_chans, **merged)
-    model.model_config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, **merged}
+    if edit:
+        from .edit import apply_edit
+
+        apply_edit(model, edit)
+    model.model_config = {"name": name, "num_classes": num_classes, "in_chans": in_chans, **merged,
+                          **({"edit": edit} if edit else {})}
     model.pretrained_cfg = None
     model.input_size = input_size  # the resolution it was built for (None: unknown); not part of model_config
     if input_size is not None:
