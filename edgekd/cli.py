@@ -284,7 +284,7 @@ if __name__ == "__main__":
 @main.command("profile")
 @click.argument("sources", nargs=-1)
 @click.option("--target", "targets", multiple=True, help="Device target(s); default: the run's --target.")
-@click.option("--runners", help=f"Host runners, comma-separated: pytorch,onnxruntime,litert,tflite-micro; 'none' to skip "
+@click.option("--runners", help="Host runners, comma-separated: pytorch,onnxruntime,litert,tflite-micro; 'none' to skip "
                                 "timing (default: those the source supports).")
 @click.option("--resolution", type=int, help="Resolution for bare model names (else write NAME@RES).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("profiles"),

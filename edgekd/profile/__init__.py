@@ -1,0 +1,1 @@
+"""Profile and select: per-layer costs, arena planning, flash and latency estimates, host timings, reports."""
