@@ -5,6 +5,7 @@ from .at import AttentionTransfer
 from .base import DistillOutput, Distiller, FeatureTaps, MethodOptions, freeze
 from .byot import BeYourOwnTeacher
 from .ce import CrossEntropy
+from .distpro import DistPro
 from .dml import DeepMutualLearning
 from .fitnet import FitNet
 from .fsp import FSP
@@ -21,7 +22,7 @@ METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists 
 for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
                 ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
                 SSKDMultiLoss, NetAug, NetAugKD, MetaDistiller,
-                MaskedLayerDistillation):
+                MaskedLayerDistillation, DistPro):
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]

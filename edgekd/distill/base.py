@@ -20,6 +20,7 @@ class DistillOutput:
     loss: torch.Tensor
     logits: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None  # the labels of `logits`' rows when the loss used only part of the batch
 
 
 class FeatureTaps:
@@ -114,6 +115,8 @@ class Distiller(nn.Module):
     # True when the method needs nothing from the teacher but its logits: the trainer may then pass cached
     # logits as forward(x, y, teacher_logits=...) instead of running the teacher
     teacher_logits_only: ClassVar[bool] = False
+    # True when forward(x, y, index=...) and after_step(..., index=...) need each image's dataset index
+    wants_index: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, options: MethodOptions):
         super().__init__()
@@ -182,7 +185,8 @@ class Distiller(nn.Module):
         """Extra models the run reports test accuracy for at the end (e.g. an ensemble of exits), by name."""
         return {}
 
-    def on_epoch_start(self, epoch: int, epochs: int, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch_start(self, epoch: int, epochs: int, optimizer: torch.optim.Optimizer,
+                       steps_per_epoch: int = 0) -> None:
         """Called by the trainer before each epoch of a phase (also the epoch a resumed run continues); for
         methods with epoch-level schedules. Must act the same on every DDP rank."""
 

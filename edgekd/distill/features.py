@@ -100,6 +100,22 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap | str],
     return out, [store[i] for i in range(len(taps))]
 
 
+def functional_run_with_taps(model: nn.Module, tensors: dict, x: torch.Tensor,
+                             taps: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """run_with_taps with substituted parameters/buffers (torch.func.functional_call): for virtual steps."""
+    from torch.func import functional_call
+
+    store: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, i=i: store.__setitem__(i, out))
+               for i, m in enumerate(modules_at(model, taps))]
+    try:
+        out = functional_call(model, tensors, (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, [store[i] for i in range(len(taps))]
+
+
 def probe_size(model: nn.Module) -> int:
     info = getattr(model, "feature_info", None)
     return 2 * info[-1].reduction if info else 64

@@ -33,7 +33,8 @@ from torch.func import functional_call
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller, MethodOptions
 from .byot import Exit
-from .features import parse_layers, probe, resize, run_with_taps, spread, stage_boundaries
+from .features import (functional_run_with_taps, parse_layers, probe, resize, run_with_taps, spread,
+                       stage_boundaries)
 from .kd import kd_loss
 
 MODES = ("meta", "self", "deep")
@@ -117,7 +118,7 @@ class MetaDistiller(Distiller):
         if params is None:
             logits, feats = run_with_taps(self.student, x, self.stages)
         else:
-            logits, feats = _functional_taps(self.student, params, x, self.stages)
+            logits, feats = functional_run_with_taps(self.student, params, x, self.stages)
         deepest = feats[-1].shape[-2:]
         exits = [exit_(f, deepest)[1] for exit_, f in zip(self.exits, feats[:-1])]
         return logits, exits, feats
@@ -146,7 +147,7 @@ class MetaDistiller(Distiller):
         return DistillOutput(loss, logits, terms)
 
     # -- the trainer's hooks
-    def on_epoch_start(self, epoch: int, epochs: int, optimizer) -> None:
+    def on_epoch_start(self, epoch: int, epochs: int, optimizer, steps_per_epoch: int = 0) -> None:
         self.meta_active = self.options.mode == "meta" and epoch % self.options.meta_every == 0
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -208,17 +209,3 @@ class MetaDistiller(Distiller):
 
     def extra_eval_models(self) -> dict[str, nn.Module]:
         return {"ensemble": _Ensemble(self)}
-
-
-def _functional_taps(model, params, x, taps):
-    from .features import modules_at
-
-    store: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, i=i: store.__setitem__(i, out))
-               for i, m in enumerate(modules_at(model, taps))]
-    try:
-        logits = functional_call(model, params, (x,))
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, [store[i] for i in range(len(taps))]

@@ -95,8 +95,18 @@ class PhaseView(Distiller):
         self.phase = phase
         self._trainable = {id(p) for p in trainable}
 
-    def forward(self, x, y):
-        return self._parent.forward_phase(self.phase, x, y)
+    @property
+    def wants_index(self) -> bool:
+        return self._parent.wants_index
+
+    def forward(self, x, y, **kw):
+        return self._parent.forward_phase(self.phase, x, y, **kw)
+
+    def on_epoch_start(self, epoch, epochs, optimizer, steps_per_epoch: int = 0) -> None:
+        self._parent.on_phase_epoch_start(self.phase, epoch, epochs, optimizer, steps_per_epoch)
+
+    def after_step(self, x, y, optimizer, **kw) -> dict[str, float]:
+        return self._parent.after_phase_step(self.phase, x, y, optimizer, **kw)
 
     def train(self, mode: bool = True) -> "PhaseView":
         super().train(mode)
@@ -141,6 +151,13 @@ class MultiPhaseDistiller(Distiller):
 
     def forward(self, x, y):
         return self.forward_phase(self.final_phase, x, y)
+
+    def on_phase_epoch_start(self, phase: str, epoch: int, epochs: int, optimizer, steps_per_epoch: int = 0) -> None:
+        """on_epoch_start for one phase (default: nothing)."""
+
+    def after_phase_step(self, phase: str, x, y, optimizer, **kw) -> dict[str, float]:
+        """after_step for one phase (default: nothing)."""
+        return {}
 
     def phases(self, epochs: int, optim) -> list:
         from ..train.phases import Phase

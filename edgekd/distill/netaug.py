@@ -305,7 +305,7 @@ class NetAug(Distiller):
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.shared.values())
 
-    def on_epoch_start(self, epoch: int, epochs: int, optimizer) -> None:
+    def on_epoch_start(self, epoch: int, epochs: int, optimizer, steps_per_epoch: int = 0) -> None:
         self.augmenting = epoch < math.ceil(epochs * (1.0 - self.options.stop_fraction))
         if self.options.sort_channels and epoch > int(self.sorted_epoch) and epoch > 0:
             self.sort_channels(optimizer)

@@ -194,7 +194,7 @@ class Trainer:
         for epoch in range(start_epoch, phase.epochs):
             loader.set_epoch(index * 100_003 + epoch)  # distinct orders per phase, same on every rank
             distiller.train()
-            phase.distiller.on_epoch_start(epoch, phase.epochs, optimizer)
+            phase.distiller.on_epoch_start(epoch, phase.epochs, optimizer, steps_per_epoch)
             stats = self._train_epoch(
                 index, phase, module, distiller, optimizer, scaler, loader, epoch, start_step,
                 steps_per_epoch, total_steps, stats, best,
@@ -230,8 +230,10 @@ class Trainer:
                 teacher_logits = None
                 if self._uses_teacher_outputs(phase):
                     teacher_logits = self.teacher_outputs.logits(batch.x, batch.index, batch.variant)
-                loss, correct, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y, teacher_logits)
-                stats.add(loss, correct, len(batch.y), terms)
+                index = batch.index if phase.distiller.wants_index else None
+                loss, correct, seen, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y, teacher_logits,
+                                                  index)
+                stats.add(loss, correct, seen, terms)
                 now = time.perf_counter()
                 stats.seconds += now - tick
                 tick = now
@@ -257,13 +259,14 @@ class Trainer:
     def _uses_teacher_outputs(self, phase: Phase) -> bool:
         return self.teacher_outputs is not None and phase.distiller.teacher_logits_only
 
-    def _step(self, module, phase, optimizer, scaler, x, y, teacher_logits=None) -> tuple[float, int, dict[str, float]]:
+    def _step(self, module, phase, optimizer, scaler, x, y, teacher_logits=None,
+              index=None) -> tuple[float, int, int, dict[str, float]]:
         x = x.to(self.rt.device, non_blocking=True)
         y = y.to(self.rt.device, non_blocking=True)
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         k = self.micro_batches
-        loss_total, correct = 0.0, 0
+        loss_total, correct, seen = 0.0, 0, 0
         terms: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for m in range(k):
@@ -272,6 +275,8 @@ class Trainer:
             extra = {}
             if teacher_logits is not None:
                 extra["teacher_logits"] = teacher_logits[m::k] if k > 1 else teacher_logits
+            if index is not None:  # the images' dataset indices, for methods that split the data (DistPro)
+                extra["index"] = index[m::k] if k > 1 else index
             sync = contextlib.nullcontext() if m == k - 1 or not isinstance(module, DistributedDataParallel) else module.no_sync()
             with sync, torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype or torch.float32, enabled=self.rt.amp_dtype is not None):
                 out = module(xm, ym, **extra)
@@ -281,7 +286,9 @@ class Trainer:
                 )
             scaler.scale(out.loss / k).backward()
             loss_total += out.loss.item() / k
-            correct += int((out.logits.argmax(1) == ym).sum())
+            labels = out.labels if out.labels is not None else ym
+            correct += int((out.logits.argmax(1) == labels).sum())
+            seen += len(labels)
             for name, value in out.terms.items():
                 terms[name] = terms.get(name, 0.0) + float(value) / k
         if phase.optim.grad_clip > 0:
@@ -289,9 +296,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(phase.trainable, phase.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        for name, value in phase.distiller.after_step(x, y, optimizer).items():
+        hook_extra = {"index": index} if index is not None else {}
+        for name, value in phase.distiller.after_step(x, y, optimizer, **hook_extra).items():
             terms[name] = terms.get(name, 0.0) + value
-        return loss_total, correct, terms
+        return loss_total, correct, seen, terms
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()

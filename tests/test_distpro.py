@@ -1,0 +1,121 @@
+"""DistPro: the finite-difference alpha gradient against autograd's exact second order, the biased softmax, the
+process interpolation, clipped pathways, and a search -> replay round trip through process.json."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgekd import api
+from edgekd.config import OptimConfig, TrainConfig
+from edgekd.distill import METHODS
+from edgekd.distill.distpro import biased_softmax, interpolate_process
+from edgekd.errors import EdgekdError
+from edgekd.models import create_model
+
+
+def distpro(student="mcunet_tiny", teacher="resnet18", double=False, **options):
+    torch.manual_seed(0)
+    t = create_model(teacher, 10, low_res_stem=False).eval()
+    s = create_model(student, 10, low_res_stem=True, **options.pop("model", {}))
+    cls = METHODS.get("distpro")
+    d = cls(s, t, cls.Options.from_strings(options))
+    return d.double() if double else d
+
+
+def _smooth(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (nn.ReLU, nn.ReLU6)):
+            setattr(module, name, nn.SiLU())
+        else:
+            _smooth(child)
+
+
+def test_finite_difference_alpha_gradient_matches_exact_second_order():
+    torch.manual_seed(1)
+    t = create_model("mcunet_tiny", 4, low_res_stem=True, width_mult=0.35).double().eval()
+    s = create_model("mcunet_tiny", 4, low_res_stem=True, width_mult=0.25).double().eval()
+    cls = METHODS.get("distpro")
+    d = cls(s, t, cls.Options.from_strings({"distance": "l2", "transforms": "conv1x1,attention", "stages": "2"}))
+    d = d.double().eval()
+    _smooth(d)  # finite differences need a smooth function
+    with torch.no_grad():
+        d.alpha_logits.copy_(torch.randn(len(d.pathways)))
+    xt, yt = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 4, (6,))
+    xv, yv = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 4, (4,))
+    approx = d.alpha_gradient(xt, yt, xv, yv, 0.5)
+    exact = d.alpha_gradient(xt, yt, xv, yv, 0.5, exact=True)
+    assert exact.abs().max() > 0
+    assert torch.allclose(approx, exact, rtol=0.02, atol=0.02 * float(exact.abs().max()))
+
+
+def test_biased_softmax_leaves_room_for_the_bias_term():
+    logits = torch.tensor([1.0, 0.0, -2.0])
+    w = biased_softmax(logits, g=1.0)
+    z = logits.exp().sum() + torch.tensor(1.0).exp()
+    assert torch.allclose(w, logits.exp() / z)
+    assert float(w.sum() + torch.tensor(1.0).exp() / z) == pytest.approx(1.0)
+    assert torch.allclose(biased_softmax(torch.ones(26)), torch.full((26,), 1 / 27))  # a~_0 = 1: 1/(P+1) each
+
+
+def test_interpolation_is_exact_at_both_ends_and_linear_between():
+    process = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 9.0]])
+    out = interpolate_process(process, 5)
+    assert out.shape == (5, 2)
+    assert torch.equal(out[0], process[0]) and torch.equal(out[-1], process[-1])
+    assert torch.allclose(out[1], (process[0] + process[1]) / 2) and torch.equal(out[2], process[1])
+    assert torch.equal(interpolate_process(process, 3), process)
+
+
+def test_clipped_pathways_are_not_computed():
+    d = distpro()
+    calls = [0] * len(d.pathways)
+    for p, module in enumerate(d.transforms):
+        module.register_forward_hook(lambda *_, p=p: calls.__setitem__(p, calls[p] + 1))
+    logits = torch.full((len(d.pathways),), 1.0)
+    logits[:10] = 0.2  # <= clip 0.5
+    d.process = logits.unsqueeze(0).repeat(3, 1)
+    d._retrain_steps = 3
+    weights, active = d.retrain_weights()
+    assert active == list(range(10, len(d.pathways)))
+    out = d.forward_phase("retrain", torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert calls[:10] == [0] * 10 and all(c == 1 for c in calls[10:])
+    assert out.terms["pathways"] == len(d.pathways) - 10 and weights.shape == (len(d.pathways),)
+
+
+def test_bad_process_file_and_options(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"pathways": [{}] * 3, "alpha_logits": [[1, 1, 1]]}))
+    with pytest.raises(EdgekdError, match="has 3 pathways but this teacher/student pair has 27"):
+        distpro(process=str(tmp_path / "p.json"))
+    with pytest.raises(EdgekdError, match="distpro"):
+        distpro(transforms="conv5x5")
+
+
+def _config(tmp_path, name, teacher, **changes):
+    return TrainConfig(run_dir=str(tmp_path / name), data="digits", resolution=32, student="mcunet_tiny",
+                       student_options={"low_res_stem": True}, teacher=teacher, method="distpro", epochs=3,
+                       batch_size=64, optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=0,
+                       checkpoint_interval_s=1e9).replace(**changes)
+
+
+def test_search_then_replay_and_transfer_a_saved_process(tmp_path):
+    teacher = tmp_path / "teacher"
+    api.train(TrainConfig(run_dir=str(teacher), data="digits", resolution=32, student="resnet18",
+                          student_options={"low_res_stem": False}, teacher=None, method="ce", epochs=2, batch_size=64,
+                          seed=0, checkpoint_interval_s=1e9))
+    searched = api.train(_config(tmp_path, "search", str(teacher), epochs=5))  # search 1, retrain 4
+    run = Path(searched["run_dir"])
+    saved = json.loads((run / "process.json").read_text())
+    steps_search = len(saved["alpha_logits"])
+    assert steps_search > 5 and len(saved["pathways"]) == 27
+    assert (run / "process.png").stat().st_size > 5_000
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in metrics] == ["search"] + ["retrain"] * 4
+    assert searched["test_acc"] > 0.3
+    # replay without searching: the retrain phase only, the same process
+    replay = api.train(_config(tmp_path, "replay", str(teacher), epochs=2,
+                               method_options={"process": str(run / "process.json")}))
+    assert json.loads((Path(replay["run_dir"]) / "process.json").read_text())["alpha_logits"] == saved["alpha_logits"]
+    assert [json.loads(line)["phase"] for line in (Path(replay["run_dir"]) / "metrics.jsonl").read_text().splitlines()] \
+        == ["retrain", "retrain"]
