@@ -230,9 +230,9 @@ class Trainer:
                 teacher_logits = None
                 if self._uses_teacher_outputs(phase):
                     teacher_logits = self.teacher_outputs.logits(batch.x, batch.index, batch.variant)
-                index = batch.index if phase.distiller.wants_index else None
-                loss, correct, seen, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y, teacher_logits,
-                                                  index)
+                image_index = batch.index if phase.distiller.wants_index else None
+                loss, correct, seen, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y,
+                                                        teacher_logits, image_index)
                 stats.add(loss, correct, seen, terms)
                 now = time.perf_counter()
                 stats.seconds += now - tick
