@@ -99,11 +99,16 @@ def _config(tmp_path, name, teacher, **changes):
                        checkpoint_interval_s=1e9).replace(**changes)
 
 
-def test_search_then_replay_and_transfer_a_saved_process(tmp_path):
-    teacher = tmp_path / "teacher"
-    api.train(TrainConfig(run_dir=str(teacher), data="digits", resolution=32, student="resnet18",
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run = tmp_path_factory.mktemp("distpro") / "teacher"
+    api.train(TrainConfig(run_dir=str(run), data="digits", resolution=32, student="resnet18",
                           student_options={"low_res_stem": False}, teacher=None, method="ce", epochs=2, batch_size=64,
                           seed=0, checkpoint_interval_s=1e9))
+    return run
+
+
+def test_search_then_replay_and_transfer_a_saved_process(tmp_path, teacher):
     searched = api.train(_config(tmp_path, "search", str(teacher), epochs=5))  # search 1, retrain 4
     run = Path(searched["run_dir"])
     saved = json.loads((run / "process.json").read_text())
@@ -119,3 +124,28 @@ def test_search_then_replay_and_transfer_a_saved_process(tmp_path):
     assert json.loads((Path(replay["run_dir"]) / "process.json").read_text())["alpha_logits"] == saved["alpha_logits"]
     assert [json.loads(line)["phase"] for line in (Path(replay["run_dir"]) / "metrics.jsonl").read_text().splitlines()] \
         == ["retrain", "retrain"]
+
+
+def test_resume_in_the_search_phase_is_exact(tmp_path, teacher):
+    from edgekd.train.checkpoint import read_checkpoint
+    from edgekd.train.trainer import TrainingInterrupted
+
+    straight = api.train(_config(tmp_path, "straight", str(teacher)))
+    cfg = _config(tmp_path, "interrupted", str(teacher))
+    calls = []
+
+    def stop_in_the_search(trainer, step):
+        calls.append(step)
+        if len(calls) == 10:
+            trainer.request_stop()
+
+    with pytest.raises(TrainingInterrupted, match="stopped in search"):
+        api.train(cfg, on_step=stop_in_the_search)
+    state = read_checkpoint(Path(cfg.run_dir) / "last.pt", kind="training")
+    assert state["phase"] == 0 and state["extra"]["process"].shape[0] == 10
+    assert any(k.startswith("alpha_optimizer.") for k in state["extra"])
+    api.train(TrainConfig(run_dir=cfg.run_dir), resume=True)
+    a = read_checkpoint(Path(straight["run_dir"]) / "last.pt")
+    b = read_checkpoint(Path(cfg.run_dir) / "last.pt")
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    assert all(torch.equal(a["extra"][k], b["extra"][k]) for k in a["extra"])

@@ -99,6 +99,13 @@ class PhaseView(Distiller):
     def wants_index(self) -> bool:
         return self._parent.wants_index
 
+    # checkpoints hold the whole method's state (its own parameters and buffers and any optimizer of its own)
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self._parent.extra_state()
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._parent.load_extra_state(state)
+
     def forward(self, x, y, **kw):
         return self._parent.forward_phase(self.phase, x, y, **kw)
 
