@@ -77,6 +77,10 @@ def export_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kib(value, digits: int) -> str:
+    return "-" if value is None else f"{value / 1024:.{digits}f} KiB"
+
+
 def profile_table(reports: list[dict], target_name: str) -> str:
     runners = ["pytorch", "onnxruntime", "litert", "tflite-micro"]
     lines = ["| student | px | MACs | params | SRAM est. | TFLM arena | flash est. | .tflite | device ms (est.) | "
@@ -88,8 +92,8 @@ def profile_table(reports: list[dict], target_name: str) -> str:
         acc = r["accuracy"].get("exported")
         lines.append(
             f"| {r['source']['model']} | {r['source']['resolution']} | {e['macs'] / 1e6:.2f}M | {e['params'] / 1e3:.0f}K "
-            f"| {e['sram_bytes'] / 1024:.1f} KiB | {m['tflm_arena_bytes'] / 1024:.1f} KiB | {e['flash_bytes'] / 1024:.0f} KiB "
-            f"| {m['tflite_bytes'] / 1024:.0f} KiB | {e['latency_ms']:.3g} | "
+            f"| {e['sram_bytes'] / 1024:.1f} KiB | {_kib(m.get('tflm_arena_bytes'), 1)} | {e['flash_bytes'] / 1024:.0f} KiB "
+            f"| {_kib(m.get('tflite_bytes'), 0)} | {e['latency_ms']:.3g} | "
             + " | ".join(f"{host[k]:.3g}" if k in host else "-" for k in runners)
             + f" | {lat['host_limit_ms']:.3g} | {100 * acc:.1f} | {'yes' if r['fits']['all'] else 'no'} |")
     return "\n".join(lines)
@@ -151,7 +155,9 @@ def main() -> None:
     body = (f"Command: `{command}`  \nMachine: {machine}; host timings with 1 thread, p50 of >= {args.runs} runs "
             f"after warm-up.  \nDate: {today}\n\nThe runs of the export benchmark above, profiled with "
             "`edgekd profile RUN --target T --runners pytorch,onnxruntime,litert,tflite-micro`. SRAM est. and flash est. "
-            "come from the profiler's estimate on the exported graph; TFLM arena and .tflite are measured. Device "
+            "come from the profiler's estimate (on the exported int8 graph for the int8 targets; for jetson-nano's fp16 "
+            "the traced graph at 2 bytes per value: there SRAM means activation memory and flash the fp16 weights); "
+            "TFLM arena and .tflite are measured (int8 targets only). Device "
             "ms is the target's fitted estimate (docs/profile.md), not a measurement; host columns are this machine. "
             "Accuracy: TFLM int8 on the test images above (all three targets get the same int8 model here; "
             "Jetson would run fp16).\n\n" + "\n".join(sections))
