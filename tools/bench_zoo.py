@@ -83,9 +83,9 @@ def _kib(value, digits: int) -> str:
 
 def profile_table(reports: list[dict], target_name: str) -> str:
     runners = ["pytorch", "onnxruntime", "litert", "tflite-micro"]
-    lines = ["| student | px | MACs | params | SRAM est. | TFLM arena | flash est. | .tflite | device ms (est.) | "
-             + " | ".join(f"host {r} p50 ms" for r in runners) + " | host limit ms | accuracy (TFLM int8) | fits |",
-             "|" + "---|" * (13 + len(runners) - 4 + 1)]
+    head = ["student", "px", "MACs", "params", "SRAM est.", "TFLM arena", "flash est.", ".tflite", "device ms (est.)",
+            *(f"host {r} p50 ms" for r in runners), "host limit ms", "accuracy (TFLM int8)", "fits"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         e, m, lat = r["estimate"], r["measured"], r["latency"]
         host = {t["runner"]: t["p50_ms"] for t in lat["host"]}
