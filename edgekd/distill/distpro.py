@@ -174,8 +174,8 @@ class DistPro(MultiPhaseDistiller):
     def weights(self, logits: torch.Tensor | None = None) -> torch.Tensor:
         return biased_softmax(self.alpha_logits if logits is None else logits)
 
-    def pathway_losses(self, s_feats, t_feats, active: list[int] | None = None, modules=None) -> dict[int, torch.Tensor]:
-        transforms = modules if modules is not None else self.transforms
+    def pathway_losses(self, s_feats, t_feats, active: list[int] | None = None) -> dict[int, torch.Tensor]:
+        transforms = self.transforms
         out = {}
         for p in active if active is not None else range(len(self.pathways)):
             i, j, _ = self.pathways[p]
@@ -190,18 +190,22 @@ class DistPro(MultiPhaseDistiller):
                 out[p] = hcl(mapped, target)
         return out
 
-    def _features(self, x, params: dict | None = None):
-        with torch.no_grad():
-            _, t_feats = run_with_taps(self.teacher, x, self.teacher_points)
+    @torch.no_grad()
+    def teacher_features(self, x) -> list[torch.Tensor]:
+        return run_with_taps(self.teacher, x, self.teacher_points)[1]
+
+    def _features(self, x, params: dict | None = None, t_feats: list[torch.Tensor] | None = None):
+        if t_feats is None:
+            t_feats = self.teacher_features(x)
         if params is None:
             logits, s_feats = run_with_taps(self.student, x, self.student_points)
         else:
             logits, s_feats = functional_run_with_taps(self.student, params, x, self.student_points)
         return logits, s_feats, t_feats
 
-    def train_loss(self, x, y, weights: torch.Tensor, active=None, params=None, transforms=None):
-        logits, s_feats, t_feats = self._features(x, params)
-        losses = self.pathway_losses(s_feats, t_feats, active, transforms)
+    def train_loss(self, x, y, weights: torch.Tensor, active=None, params=None, t_feats=None):
+        logits, s_feats, t_feats = self._features(x, params, t_feats)
+        losses = self.pathway_losses(s_feats, t_feats, active)
         ce = F.cross_entropy(logits, y)
         distill = sum((weights[p] * loss for p, loss in losses.items()), torch.zeros((), device=x.device))
         return ce + distill, logits, ce, distill, len(losses)
@@ -284,8 +288,10 @@ class DistPro(MultiPhaseDistiller):
         names = [n for n, _ in self.student.named_parameters()]
         params = dict(self.student.named_parameters())
         buffers = {n: b.detach().clone() for n, b in self.student.named_buffers()}
+        t_feats = self.teacher_features(x_train)  # the same for the virtual step and both finite-difference sides
         logits_a = self.alpha_logits.detach().clone().requires_grad_(True)
-        loss, *_ = self.train_loss(x_train, y_train, biased_softmax(logits_a), params={**params, **buffers})
+        loss, *_ = self.train_loss(x_train, y_train, biased_softmax(logits_a), params={**params, **buffers},
+                                   t_feats=t_feats)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=exact)
         stepped = {n: params[n] - lr * g for n, g in zip(names, grads)}
         if not exact:
@@ -301,7 +307,8 @@ class DistPro(MultiPhaseDistiller):
             moved = {n: (params[n] + sign * eps * g).detach() for n, g in zip(names, g_val)}
             buffers = {n: b.detach().clone() for n, b in self.student.named_buffers()}
             a = self.alpha_logits.detach().clone().requires_grad_(True)
-            loss, *_ = self.train_loss(x_train, y_train, biased_softmax(a), params={**moved, **buffers})
+            loss, *_ = self.train_loss(x_train, y_train, biased_softmax(a), params={**moved, **buffers},
+                                       t_feats=t_feats)
             sided.append(torch.autograd.grad(loss, a)[0])
         return -lr * (sided[0] - sided[1]) / (2 * eps)
 

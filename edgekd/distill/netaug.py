@@ -205,6 +205,7 @@ class NetAug(Distiller):
         self.width_factors = _floats(options.width_factors)
         self.dims, self.groups, self.depthwise = analyse(student)
         self.max_sizes = self._sizes(max(self.width_factors), max(self.expand_factors))
+        self._base_sizes = {g: info.base for g, info in self.groups.items()}  # checked on every forward
         # the shared weights: every student parameter at the largest configuration, leading slice = the student
         self.shared = nn.ParameterDict()
         params = dict(student.named_parameters())
@@ -236,7 +237,7 @@ class NetAug(Distiller):
         return tuple(shape)
 
     def base_sizes(self) -> dict[int, int]:
-        return {g: info.base for g, info in self.groups.items()}
+        return self._base_sizes
 
     def sample(self) -> tuple[float, float]:
         """(width factor, expand factor): the same sequence on every rank and after a resume."""
