@@ -19,6 +19,7 @@ from .distill.teacher_outputs import (DEFAULT_CACHE_DIR, TeacherCache, TeacherOu
 from .errors import EdgekdError
 from .export import Artifact, export  # noqa: F401  (api.export is the public entry point)
 from .models import create_model, get_model_info
+from .models.init import init_weights
 from .targets import Target, load_target
 from .train.checkpoint import file_sha256, load_model
 from .train.distributed import barrier, init_distributed, shutdown
@@ -53,8 +54,9 @@ def build_student(config: TrainConfig, resolved: Resolved, num_classes: int) -> 
     options = {**resolved.model_options, **config.student_options}
     if config.student_edit:
         options["edit"] = config.student_edit
-    return create_model(config.student, num_classes, in_chans=resolved.channels,
-                        input_size=resolved.resolution, **options)
+    model = create_model(config.student, num_classes, in_chans=resolved.channels,
+                         input_size=resolved.resolution, **options)
+    return init_weights(model, config.student_init)
 
 
 def _edited_teacher(teacher: nn.Module, spec: str) -> nn.Module:

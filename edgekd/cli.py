@@ -69,6 +69,7 @@ TRAIN_FIELDS = {
     "micro_batches": "micro_batches", "run_dir": "run_dir", "teacher_pretrained": "teacher_pretrained",
     "teacher_cache": "teacher_cache", "teacher_cache_variants": "teacher_cache_variants",
     "teacher_cache_dir": "teacher_cache_dir", "teacher_autocast": "teacher_autocast", "student_edit": "student_edit",
+    "student_init": "student_init",
 }
 
 
@@ -77,6 +78,7 @@ TRAIN_FIELDS = {
 @click.option("--data", help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
 @click.option("--student", help="Student architecture (see `edgekd models`), or 'auto' to pick the largest that fits --target.")
 @click.option("--student-edit", help="Make the student from the teacher with blocks deleted/inserted, e.g. 'delete:3,5;insert:7' (docs/methods.md, mld).")
+@click.option("--student-init", metavar="SCHEME", help="Re-initialise the student: xavier | normal:MEAN,STD | constant:VALUE (robustness experiments).")
 @click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1.")
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
 @click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")

@@ -44,6 +44,7 @@ class TrainConfig:
     student_options: dict = field(default_factory=dict)
     # the student is the teacher's architecture and weights with these blocks deleted/inserted (edgekd.models.edit)
     student_edit: str = ""
+    student_init: str = "default"  # default | xavier | normal:MEAN,STD | constant:VALUE (edgekd.models.init)
     teacher: str | None = "resnet18"  # zoo name (trained first), checkpoint path or run dir; None: no teacher
     teacher_options: dict = field(default_factory=dict)
     teacher_pretrained: bool = False  # start the teacher from offline ImageNet weights (efficientnet_lite0)
@@ -86,6 +87,10 @@ class TrainConfig:
             raise EdgekdError(f"batch_size {self.batch_size} is not divisible by micro_batches {self.micro_batches}")
         if self.limit is not None and self.limit < 1:
             raise EdgekdError(f"limit must be >= 1, got {self.limit}")
+        from .models.init import parse_init
+
+        if parse_init(self.student_init).scheme != "default" and self.student_edit:
+            raise EdgekdError("student_init and student_edit exclude each other: an edited student inherits the teacher's weights")
         if self.student_edit:
             from .models.edit import parse_edit
 

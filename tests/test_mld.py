@@ -9,6 +9,7 @@ from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill import METHODS
 from edgekd.distill.mld import masked_l1
+from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import read_checkpoint
 from edgekd.train.trainer import TrainingInterrupted
@@ -72,6 +73,21 @@ def test_local_phase_trains_only_the_student_groups_and_adapters():
     assert all(p.grad is None for p in d.teacher.parameters()) and all(p.grad is None for p in d.masks.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.blocks.parameters())
     assert all(p.grad is None for p in d.student.classifier.parameters())
+
+
+def test_label_refinery_finetune_matches_the_teacher_softmax_without_labels():
+    d = mld(finetune="label_refinery").eval()  # no dropout: two forwards must agree
+    x = torch.randn(4, 3, 32, 32)
+    out_a = d.forward_phase("kd", x, torch.zeros(4, dtype=torch.long))
+    out_b = d.forward_phase("kd", x, torch.full((4,), 7))
+    assert out_a.loss.item() == pytest.approx(out_b.loss.item())  # labels are not used
+    with torch.no_grad():
+        p_t = torch.softmax(d.teacher(x), 1)
+        expected = (p_t * (p_t.log() - torch.log_softmax(d.student(x), 1))).sum(1).mean()
+    assert out_a.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(out_a.terms) == {"refinery_kl"}
+    with pytest.raises(EdgekdError, match="finetune must be kd or label_refinery"):
+        mld(finetune="srrl")
 
 
 @pytest.mark.parametrize("student", ["mobilenetv2_035", "mobilenetv3_small_050", "mobilenetv3_large_035",
@@ -160,7 +176,6 @@ def test_deleting_and_inserting_blocks_keeps_the_other_weights_and_rebuilds():
     ("drop:1", "bad architecture edit"),
 ])
 def test_bad_edits_are_one_line_errors(spec, message):
-    from edgekd.errors import EdgekdError
     from edgekd.models.edit import apply_edit
 
     model = create_model("resnet18", 10, low_res_stem=False)

@@ -276,3 +276,32 @@ def test_pretrained_mismatch_loads_nothing():
         with pytest.raises(EdgekdError, match="shape mismatch|key map"):
             load_pretrained(model, "efficientnet_lite0")
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_student_init_schemes_set_conv_and_linear_layers_only():
+    from edgekd.models.init import init_weights
+
+    torch.manual_seed(0)
+    model = init_weights(create_model("mobilenetv3_small_050", 10), "constant:1")
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert all(bool((m.weight == 1).all()) for m in convs)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in bns)
+    model = init_weights(create_model("mobilenetv3_small_050", 10), "normal:1,1")
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(weights.mean().item() - 1) < 0.05 and abs(weights.std().item() - 1) < 0.05
+    torch.manual_seed(0)
+    a = init_weights(create_model("mobilenetv3_small_050", 10), "default")
+    torch.manual_seed(0)
+    b = create_model("mobilenetv3_small_050", 10)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("spec, message", [("uniform", "unknown student init 'uniform'"),
+                                           ("normal:0", "takes 2 number"), ("constant:x", "non-number")])
+def test_bad_student_init_is_a_one_line_error(spec, message):
+    from edgekd.config import TrainConfig
+    from edgekd.errors import EdgekdError
+
+    with pytest.raises(EdgekdError, match=message):
+        TrainConfig(student_init=spec)

@@ -15,3 +15,43 @@ def write_section(path: Path, key: str, title: str, body: str) -> None:
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def ensure_run(run_dir: Path, **config) -> dict:
+    """A benchmark run: reused when finished, resumed when interrupted, else trained. Returns its summary, or
+    {"failed": message} for a run that stopped with an edgekd error (a diverged bad initialisation, say); the
+    failure is kept in failed.txt so a rerun reports it again instead of retraining."""
+    import json
+    import shutil
+
+    from edgekd import api
+    from edgekd.config import TrainConfig
+    from edgekd.errors import EdgekdError
+
+    summary, failed = run_dir / "summary.json", run_dir / "failed.txt"
+    if failed.exists():
+        return {"failed": failed.read_text().strip()}
+    if not summary.exists():
+        try:
+            if (run_dir / "last.pt").exists():
+                api.train(TrainConfig(run_dir=str(run_dir)), resume=True)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a start that died before its first checkpoint
+                api.train(TrainConfig(run_dir=str(run_dir), **config))
+        except EdgekdError as e:
+            failed.write_text(str(e) + "\n")
+            return {"failed": str(e)}
+    return json.loads(summary.read_text())
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    import statistics
+
+    values = [scale * v for v in values]
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"

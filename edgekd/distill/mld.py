@@ -7,7 +7,8 @@ blocks (the paper's ResNet34 -> ResNet18 mapping: 3/4/6/3 teacher blocks to 2/2/
 stage ends). Adapters, for training only: a 1x1 conv (+ resize) from the teacher's breakpoint-i features to the
 student's channels (group i+1's input) and one from the student's group-i output to the teacher's shape.
 
-Phase `masks` (paper Eq. 4-5): teacher and the randomly initialised student (and adapters) frozen. Student group
+Phase `masks` (paper Eq. 4-5): teacher and the randomly initialised student (and adapters) frozen (the student's
+BatchNorm normalising with batch statistics, its running ones being meaningless at initialisation). Student group
 i runs on the teacher's input at its breakpoint, and its (adapted) output is injected into the teacher as noise:
 x_t_i := x_t_i + (1 - M_i) * noise_i; the masks M_i (one value per channel and position of the teacher's
 breakpoint feature, initialised to 0 = all the noise) minimise CE(teacher output, y) + alpha * sum_i ||M_i||_2. The
@@ -17,13 +18,16 @@ Phase `local` (Eq. 6): every group learns, in one pass, to reproduce the teacher
 teacher's breakpoint-(i-1) output (the image for group 1): sum_i mean |(1 - ReLU(M_i)) * (x_t_i - x_s_i)|
 (a mean per breakpoint instead of the paper's sum, so breakpoints of different sizes weigh the same; M capped at
 1 as well as at 0); masks and teacher frozen; the student's head is not run.
-Phase `kd`: Hinton KD of the whole student (T=4, alpha=0.9, the `kd` defaults).
+Phase `kd`: end-to-end fine-tuning of the whole student, `finetune=kd` (default): Hinton KD (T=4, alpha=0.9, the
+`kd` defaults); `finetune=label_refinery`: Label Refinery (Bagherinezhad et al. 2018), the paper's main fine-tuning
+method - the student matches the teacher's softmax on the same crop, KL at T=1, no ground-truth labels.
 
 The masks are saved with the run's checkpoints; `write_artifacts` draws them (mean |M| over channels per
 position, and per channel over positions) as masks.png in the run, like the paper's Figure 3.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +51,13 @@ class MLDOptions(MethodOptions):
     mask_epochs: int = -1
     local_epochs: int = -1
     kd_epochs: int = -1
+    finetune: str = "kd"  # kd | label_refinery
     temperature: float = 4.0
     alpha: float = 0.9
 
     def __post_init__(self):
+        if self.finetune not in ("kd", "label_refinery"):
+            raise EdgekdError(f"mld finetune must be kd or label_refinery, got '{self.finetune}'")
         if self.breakpoints < 1 or self.mask_alpha < 0 or self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise EdgekdError("mld needs breakpoints >= 1, mask_alpha >= 0, temperature > 0 and alpha in [0, 1]")
 
@@ -113,6 +120,9 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         logits = self.student(x)
+        if self.options.finetune == "label_refinery":
+            refined = kd_loss(logits, teacher_logits, 1.0)
+            return DistillOutput(refined, logits, {"refinery_kl": refined.detach()})
         soft = kd_loss(logits, teacher_logits, self.options.temperature)
         hard = F.cross_entropy(logits, y)
         return DistillOutput(self.options.alpha * soft + (1 - self.options.alpha) * hard, logits,
@@ -165,7 +175,7 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
 
     def _masks_loss(self, x, y):
         feats = self.teacher_features(x)
-        with torch.no_grad():
+        with torch.no_grad(), _batch_statistics(self.student):
             noise = self.student_groups(x, feats)
         logits = self.noised_teacher(x, noise)
         ce = F.cross_entropy(logits, y)
@@ -185,6 +195,24 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
     # -- masks picture
     def write_artifacts(self, run_dir: Path) -> None:
         plot_masks([m.detach().cpu() for m in self.masks], self.teacher_points, Path(run_dir) / "masks.png")
+
+
+@contextmanager
+def _batch_statistics(model: nn.Module):
+    """The frozen random student's BatchNorm layers normalise with the batch's statistics (running ones untouched):
+    its running statistics are still the initial (0, 1), under which a badly initialised student (normal(1,1),
+    constant) would produce overflowing noise instead of the activations it has when training starts."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (training, momentum) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
 
 
 def plot_masks(masks: list[torch.Tensor], names: list[str], path: Path) -> Path:
