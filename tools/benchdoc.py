@@ -1,6 +1,8 @@
 """Writes one benchmark's section of docs/benchmarks.md, leaving the other sections as they are."""
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from pathlib import Path
 
@@ -9,16 +11,16 @@ HEADER = "# Benchmarks\n\nEach section is written by the tool named in its comma
 
 def write_section(path: Path, key: str, title: str, body: str) -> None:
     """EDGEKD_BENCH_DOC=FILE redirects the write (smoke runs of a tool leave docs/benchmarks.md alone)."""
-    import os
-
     path = Path(os.environ.get("EDGEKD_BENCH_DOC", path))
     start, end = f"<!-- bench:{key} start -->", f"<!-- bench:{key} end -->"
     section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
-    text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    with open(path.with_suffix(".lock"), "w") as lock:  # benchmarks running side by side write the same file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else HEADER
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        path.write_text(text)
 
 
 def ensure_run(run_dir: Path, **config) -> dict:
