@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -21,23 +20,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import write_section  # noqa: E402
+from tools.benchdoc import ensure_run, write_section  # noqa: E402
 
 METHODS = ["ce", "kd", "logit_l2", "fitnet", "at", "nst", "ab", "fsp", "rkd", "dml", "byot", "sskd", "sskd_multiloss"]
 NO_TEACHER = {"ce", "dml", "byot"}
 
 
 def run_once(args, common, teacher_run: Path, name: str, method: str, seed: int, options: dict) -> dict:
-    run = args.out / f"{name}-s{seed}"
-    if not (run / "summary.json").exists():
-        if (run / "last.pt").exists():
-            api.train(TrainConfig(run_dir=str(run)), resume=True)
-        else:
-            api.train(TrainConfig(run_dir=str(run), **common, method=method, method_options=options, seed=seed,
-                                  teacher=None if method in NO_TEACHER else str(teacher_run)))
-    summary = json.loads((run / "summary.json").read_text())
+    summary = ensure_run(args.out / f"{name}-s{seed}", **common, method=method, method_options=options, seed=seed,
+                         teacher=None if method in NO_TEACHER else str(teacher_run))
+    if "failed" in summary:
+        raise SystemExit(f"{name} seed {seed} failed: {summary['failed']}")
     return {"acc": summary["test_acc"], "images_per_s": summary["train_images_per_s"]}
 
 
@@ -62,6 +56,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--teacher-run", type=Path, help="reuse a trained teacher run (else one is trained)")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4], help="SSKD stage counts to compare")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -73,11 +68,9 @@ def main() -> None:
     common = dict(data=args.data, resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   student=args.student, student_options={"low_res_stem": False}, epochs=args.epochs,
                   optim=OptimConfig(lr=0.05, warmup_epochs=0.5))
-    teacher_run = args.out / "teacher"
-    if not (teacher_run / "summary.json").exists():
-        api.train(TrainConfig(run_dir=str(teacher_run), **{**common, "student": args.teacher, "epochs": args.teacher_epochs},
-                              method="ce", teacher=None, seed=0))
-    teacher_acc = json.loads((teacher_run / "summary.json").read_text())["test_acc"]
+    teacher_run = args.teacher_run or args.out / "teacher"
+    teacher_acc = ensure_run(teacher_run, **{**common, "student": args.teacher, "epochs": args.teacher_epochs},
+                             method="ce", teacher=None, seed=0)["test_acc"]
 
     methods = {m: [run_once(args, common, teacher_run, m, m, s, {}) for s in args.seeds] for m in args.methods}
     stages = {}
@@ -88,10 +81,11 @@ def main() -> None:
                             for s in args.seeds]
     machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
     head = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
-            f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, teacher `{args.teacher}` "
-            f"({args.teacher_epochs} epochs, test accuracy {100 * teacher_acc:.2f}%) -> `{args.student}`, "
+            f"{args.data}, {args.limit} training images, full test split, 32 px, teacher `{args.teacher}` "
+            f"({TrainConfig.load(teacher_run / 'config.yaml').epochs} epochs, test accuracy {100 * teacher_acc:.2f}%) -> `{args.student}`, "
             f"{args.epochs} epochs for every method (multi-phase methods split them per their defaults, "
-            f"docs/methods.md), SGD lr 0.05 cosine, batch 128, seeds {args.seeds}, method defaults.\n\n")
+            f"docs/methods.md), SGD lr 0.05 cosine, batch 128, seeds {args.seeds}, method defaults; test accuracy "
+            "of the weights with the best validation accuracy.\n\n")
     write_section(ROOT / "docs" / "benchmarks.md", "methods", "Every distiller vs scratch and KD, Fashion-MNIST 32 px",
                   head + "\n".join(table(methods, "ce")))
     write_section(ROOT / "docs" / "benchmarks.md", "sskd-stages", "SSKD vs multi-loss and number of stages",
