@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -228,10 +229,10 @@ def train(
                 + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
             )
         outputs, variants = None, 0
-        if teacher is not None and distiller.teacher_logits_only:
-            outputs, variants = _teacher_outputs(config, data, runtime, teacher, console)
+        if teacher is not None and (distiller.teacher_logits_only or distiller.teacher_taps):
+            outputs, variants = _teacher_outputs(config, data, runtime, teacher, console, distiller.teacher_taps)
         elif teacher is not None and console is not None and dist.is_main:
-            console.print(f"method {config.method} needs live teacher features: the teacher runs every step (no cache)")
+            console.print(f"method {config.method} needs live teacher internals: the teacher runs every step (no cache)")
         trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants)
         result = trainer.fit(phases, resume=resume)
         if dist.is_main:
@@ -279,10 +280,11 @@ def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainCon
 
 
 def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
-                     console) -> tuple[TeacherOutputs, int]:
-    """The fast teacher runner, plus the logit cache unless it is off or (auto) over budget."""
+                     console, taps: tuple[str, ...] = ()) -> tuple[TeacherOutputs, int]:
+    """The fast teacher runner, plus the cache of its logits (and tapped features) unless it is off or (auto)
+    over budget."""
     runner = TeacherRunner(teacher, runtime.device, fold_bn=config.teacher_fold_bn,
-                           autocast=config.teacher_autocast, compile=config.teacher_compile)
+                           autocast=config.teacher_autocast, compile=config.teacher_compile, taps=taps)
     augmenting = config.augment and data.augment is not None
     variants = (config.teacher_cache_variants or config.epochs) if augmenting else 0
     if config.teacher_cache == "off":
@@ -298,20 +300,22 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
     if config.teacher_cache == "disk":
         directory = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else DEFAULT_CACHE_DIR
     budget = config.teacher_cache_budget_mb << 20
+    row_shapes = runner.row_shapes((data.channels, data.resolution, data.resolution))
+    width = sum(math.prod(shape) for shape in row_shapes)
+    what = "logits" if not taps else f"logits and {len(taps)} feature map(s)"
     try:
-        cache = TeacherCache(key, len(data.train), variants, data.info.num_classes, directory=directory,
-                             memory_budget_bytes=budget)
+        cache = TeacherCache(key, len(data.train), variants, width, directory=directory, memory_budget_bytes=budget)
     except EdgekdError as e:
         if config.teacher_cache != "auto":
             raise
         if console is not None and runtime.dist.is_main:
-            console.print(f"teacher cache off: {e}")
+            console.print(f"teacher cache off, the teacher runs every step: {e}")
         return TeacherOutputs(runner, None), variants
     if console is not None and runtime.dist.is_main:
         where = f"on disk at {cache.directory}" if cache.directory else "in memory"
-        console.print(f"teacher logits cached {where} ({cache.nbytes / 2**20:.1f} MiB, "
+        console.print(f"teacher {what} cached {where} ({cache.nbytes / 2**20:.1f} MiB, "
                       f"{max(variants, 1)} augmentation variant(s) per image, {cache.warm_entries} entries warm)")
-    return TeacherOutputs(runner, cache), variants
+    return TeacherOutputs(runner, cache, row_shapes), variants
 
 
 def _check_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict] | None:

@@ -146,3 +146,51 @@ def test_training_with_the_cache_equals_training_without_it(tmp_path, digits32):
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert epochs[0]["teacher_cache"]["hit_rate"] == 0.0 and epochs[1]["teacher_cache"]["hit_rate"] == 1.0
+
+
+def test_cached_teacher_features_give_the_live_attention_transfer_loss_and_gradients(digits32):
+    from edgekd.distill import METHODS
+
+    student, teacher = _pair()
+    cls = METHODS.get("at")
+    distiller = cls(student, teacher, cls.Options()).train()
+    assert len(distiller.teacher_taps) >= 2
+    runner = TeacherRunner(teacher, torch.device("cpu"), fold_bn=False, channels_last=False, taps=distiller.teacher_taps)
+    shapes = runner.row_shapes((3, 32, 32))
+    width = sum(int(torch.tensor(s).prod()) for s in shapes)
+    cache = TeacherCache({"test": 2}, len(digits32.train), 1, width)
+    outputs = TeacherOutputs(runner, cache, shapes)
+    batch = next(digits32.loader("train", 16, augment=False, shuffle=True).iterate_batches())
+    outputs.with_features(batch.x, batch.index, batch.variant)  # miss: runs the teacher, fills the rows
+    cached = outputs.with_features(batch.x, batch.index, batch.variant)  # hit: rows split back into maps
+    assert cache.stats()["hits"] == 16 and [tuple(f.shape[1:]) for f in cached[1]] == shapes[1:]
+
+    def loss_and_grads(**kw):
+        student.zero_grad()
+        state = {k: v.clone() for k, v in student.state_dict().items()}
+        out = distiller(batch.x, batch.y, **kw)
+        out.loss.backward()
+        student.load_state_dict(state)
+        return out.loss.detach(), [p.grad.clone() for p in student.parameters()]
+
+    live_loss, live_grads = loss_and_grads()
+    cached_loss, cached_grads = loss_and_grads(teacher_out=cached)
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-6, atol=1e-7)
+    for a, b in zip(live_grads, cached_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_feature_distiller_training_serves_teacher_features_from_the_cache(tmp_path, digits32):
+    teacher_file = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
+    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
+                  method="nst", epochs=2, batch_size=64, augment=False, limit=256, optim=OptimConfig(lr=0.05),
+                  checkpoint_interval_s=1e9)
+    live = api.train(TrainConfig(run_dir=str(tmp_path / "live"), teacher_cache="off", **common))
+    cached = api.train(TrainConfig(run_dir=str(tmp_path / "cached"), teacher_cache="memory", **common))
+    a = read_checkpoint(Path(live["run_dir"]) / "last.pt")["student"]
+    b = read_checkpoint(Path(cached["run_dir"]) / "last.pt")["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the cache returns exactly what the runner computed
+    epochs = [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[0]["teacher_cache"]["hit_rate"] == 0.0 and epochs[1]["teacher_cache"]["hit_rate"] == 1.0

@@ -115,6 +115,9 @@ class Distiller(nn.Module):
     # True when the method needs nothing from the teacher but its logits: the trainer may then pass cached
     # logits as forward(x, y, teacher_logits=...) instead of running the teacher
     teacher_logits_only: ClassVar[bool] = False
+    # module paths of the teacher feature maps the method matches, when forward(x, y, teacher_out=(logits,
+    # [features])) can take them instead of running the teacher: the trainer then serves them from the cache
+    teacher_taps: tuple[str, ...] = ()
     # True when forward(x, y, index=...) and after_step(..., index=...) need each image's dataset index
     wants_index: ClassVar[bool] = False
 
@@ -138,6 +141,15 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
+
+    def teacher_with_taps(self, x: torch.Tensor, teacher_out=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, features at `teacher_taps`): the trainer's cached ones when given, else a live forward."""
+        if teacher_out is not None:
+            return teacher_out
+        from .features import run_with_taps
+
+        with torch.no_grad():
+            return run_with_taps(self.teacher, x, self.teacher_taps)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters the method adds (adapters, heads); never exported."""

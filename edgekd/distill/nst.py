@@ -62,10 +62,10 @@ class NeuronSelectivityTransfer(Distiller):
     def __init__(self, student, teacher, options):
         super().__init__(student, teacher, options)
         self.pairs = layer_pairs(student, teacher, options.student_layers, options.teacher_layers)
+        self.teacher_taps = tuple(t for _, t in self.pairs)  # cacheable: the trainer may pass teacher_out
 
-    def forward(self, x, y):
-        with torch.no_grad():
-            t_logits, t_feats = run_with_taps(self.teacher, x, [t for _, t in self.pairs])
+    def forward(self, x, y, teacher_out=None):
+        t_logits, t_feats = self.teacher_with_taps(x, teacher_out)
         logits, s_feats = run_with_taps(self.student, x, [s for s, _ in self.pairs])
         mmd = sum(nst_loss(s, t, self.options.degree, self.options.c) for s, t in zip(s_feats, t_feats))
         task, terms = task_loss(logits, y, t_logits, self.options.alpha, self.options.temperature)

@@ -6,6 +6,10 @@ channels_last, optional autocast and torch.compile). `TeacherCache` keeps the te
 seen is never run again: within a run when augmentation is off or banked (fast knowledge distillation,
 Shen & Xing 2021), and across runs with the same teacher, data and transform. The cache is keyed by a hash of
 everything that determines the logits; a mismatch means a different cache, never a stale one.
+
+Feature distillers that declare `teacher_taps` (module paths, e.g. AT, NST) get the tapped teacher feature maps
+cached beside the logits, one flat row per (image, variant), when they fit the memory budget; otherwise the
+teacher runs live every step (the runner still makes it cheaper), and the run says so.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from .features import run_with_taps
 
 log = logging.getLogger("edgekd.teacher")
 
@@ -43,16 +48,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class TeacherRunner:
-    """Runs the frozen teacher as fast as the settings allow; outputs are float32 logits."""
+    """Runs the frozen teacher as fast as the settings allow; outputs are float32 logits (and, with `taps`, the
+    float32 feature maps at those module paths). With taps, BatchNorm is not folded and nothing is compiled: the
+    fx-folded graph calls leaf modules only, so hooks on stage containers would never fire, and hooks added per
+    call would recompile a compiled model."""
 
     def __init__(self, teacher: nn.Module, device: torch.device, *, fold_bn: bool = True,
-                 autocast: str = "off", compile: bool = False, channels_last: bool | None = None):
+                 autocast: str = "off", compile: bool = False, channels_last: bool | None = None,
+                 taps: tuple[str, ...] = ()):
         if autocast not in ("off", "bf16", "fp16"):
             raise EdgekdError(f"teacher_autocast must be off, bf16 or fp16, got '{autocast}'")
         if autocast == "fp16" and device.type != "cuda":
             raise EdgekdError("teacher_autocast fp16 needs a CUDA GPU: use bf16 or off on CPU")
         # note: bf16 on a CPU without native bf16 units was measured ~20x slower than fp32; it is opt-in
-        self.settings = {"fold_bn": fold_bn, "autocast": autocast, "compile": compile}
+        self.taps = tuple(taps)
+        fold_bn, compile = fold_bn and not self.taps, compile and not self.taps
+        self.settings = {"fold_bn": fold_bn, "autocast": autocast, "compile": compile,
+                         **({"taps": list(self.taps)} if self.taps else {})}
         model = fold_batchnorm(teacher) if fold_bn else copy.deepcopy(teacher).eval()
         # channels_last measured 1.9x faster for a ResNet-18 teacher on this project's x86 CPU too (docs/benchmarks.md)
         self.channels_last = True if channels_last is None else channels_last
@@ -65,15 +77,24 @@ class TeacherRunner:
         self.device = device
         self.dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+    @torch.inference_mode()
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits, feature maps at the taps), float32, contiguous."""
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            out = self.model(x)
-        # a plain tensor (not an inference tensor) so it can take part in autograd as a constant target
-        return out.float().clone()
+            out, feats = run_with_taps(self.model, x, self.taps) if self.taps else (self.model(x), [])
+        # plain tensors (not inference tensors) so they can take part in autograd as constant targets
+        return out.float().clone(), [f.float().contiguous().clone() for f in feats]
+
+    def row_shapes(self, sample_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Per-image shapes of (logits, features...), from one blank forward."""
+        logits, feats = self.outputs(torch.zeros(1, *sample_shape))
+        return [tuple(t.shape[1:]) for t in (logits, *feats)]
 
 
 def state_fingerprint(model: nn.Module) -> str:
@@ -97,11 +118,12 @@ def images_fingerprint(images) -> str:
 
 
 class TeacherCache:
-    """Logits per (image, variant): float32 [N, K, C] plus a filled mask, in memory or memory-mapped."""
+    """One float32 row per (image, variant): [N, K, width] (width = classes, plus the flattened tapped features
+    for feature distillers) and a filled mask, in memory or memory-mapped."""
 
-    def __init__(self, key: dict, num_images: int, variants: int, num_classes: int, *,
+    def __init__(self, key: dict, num_images: int, variants: int, width: int, *,
                  directory: Path | None = None, memory_budget_bytes: int = 1 << 30):
-        self.shape = (num_images, max(variants, 1), num_classes)
+        self.shape = (num_images, max(variants, 1), width)
         self.nbytes = int(np.prod(self.shape)) * 4
         if self.nbytes > memory_budget_bytes:
             raise EdgekdError(
@@ -153,7 +175,7 @@ class TeacherCache:
 
     # ---- lookups ------------------------------------------------------------------------------------
     def lookup(self, index: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hit mask (B,), logits (B, C) where hit)."""
+        """(hit mask (B,), rows (B, width) where hit)."""
         i, v = index.numpy(), variant.numpy()
         hit = torch.from_numpy(self.filled[i, v].copy())
         logits = torch.from_numpy(np.asarray(self.logits[i, v]))
@@ -164,9 +186,9 @@ class TeacherCache:
         self.total_misses += len(hit) - n_hit
         return hit, logits
 
-    def store(self, index: torch.Tensor, variant: torch.Tensor, logits: torch.Tensor) -> None:
+    def store(self, index: torch.Tensor, variant: torch.Tensor, rows: torch.Tensor) -> None:
         i, v = index.numpy(), variant.numpy()
-        self.logits[i, v] = logits.detach().cpu().float().numpy()
+        self.logits[i, v] = rows.detach().cpu().float().numpy()
         self.filled[i, v] = True
 
     def stats(self, reset: bool = False) -> dict:
@@ -183,20 +205,33 @@ class TeacherCache:
 
 
 class TeacherOutputs:
-    """What the trainer asks for teacher logits: cache first, the fast runner for the misses."""
+    """What the trainer asks for teacher outputs: cache first, the fast runner for the misses."""
 
-    def __init__(self, runner: TeacherRunner, cache: TeacherCache | None):
+    def __init__(self, runner: TeacherRunner, cache: TeacherCache | None,
+                 row_shapes: list[tuple[int, ...]] | None = None):
         self.runner = runner
         self.cache = cache
+        self.row_shapes = row_shapes  # (logits, features...) per image; needed to cache features
+        if cache is not None and runner.taps and row_shapes is None:
+            raise ValueError("caching teacher features needs their row_shapes")
 
     def logits(self, x: torch.Tensor, index: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+        return self.with_features(x, index, variant)[0]
+
+    def with_features(self, x: torch.Tensor, index: torch.Tensor,
+                      variant: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.cache is None:
-            return self.runner(x)
-        hit, logits = self.cache.lookup(index, variant)
-        if bool(hit.all()):
-            return logits.to(x.device)
-        miss = ~hit
-        fresh = self.runner(x[miss.to(x.device)]).cpu()
-        self.cache.store(index[miss], variant[miss], fresh)
-        logits[miss] = fresh
-        return logits.to(x.device)
+            return self.runner.outputs(x)
+        hit, rows = self.cache.lookup(index, variant)
+        if not bool(hit.all()):
+            miss = ~hit
+            logits, feats = self.runner.outputs(x[miss.to(x.device)])
+            fresh = torch.cat([t.cpu().flatten(1) for t in (logits, *feats)], 1)
+            self.cache.store(index[miss], variant[miss], fresh)
+            rows[miss] = fresh
+        rows = rows.to(x.device)
+        if not self.runner.taps:
+            return rows, []
+        sizes = [int(np.prod(shape)) for shape in self.row_shapes]
+        parts = torch.split(rows, sizes, dim=1)
+        return parts[0], [p.reshape(len(rows), *shape) for p, shape in zip(parts[1:], self.row_shapes[1:])]

@@ -227,12 +227,10 @@ class Trainer:
                 lr = lr_at(global_step, total_steps, steps_per_epoch, phase.optim)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                teacher_logits = None
-                if self._uses_teacher_outputs(phase):
-                    teacher_logits = self.teacher_outputs.logits(batch.x, batch.index, batch.variant)
+                teacher = self._teacher_outputs_for(phase, batch)
                 image_index = batch.index if phase.distiller.wants_index else None
                 loss, correct, seen, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y,
-                                                        teacher_logits, image_index)
+                                                        teacher, image_index)
                 stats.add(loss, correct, seen, terms)
                 now = time.perf_counter()
                 stats.seconds += now - tick
@@ -257,9 +255,18 @@ class Trainer:
         return stats
 
     def _uses_teacher_outputs(self, phase: Phase) -> bool:
-        return self.teacher_outputs is not None and phase.distiller.teacher_logits_only
+        distiller = phase.distiller
+        return self.teacher_outputs is not None and (distiller.teacher_logits_only or bool(distiller.teacher_taps))
 
-    def _step(self, module, phase, optimizer, scaler, x, y, teacher_logits=None,
+    def _teacher_outputs_for(self, phase: Phase, batch) -> dict:
+        """forward() keyword with the teacher's cached/fast outputs for this batch, or {} (the method runs it)."""
+        if not self._uses_teacher_outputs(phase):
+            return {}
+        if phase.distiller.teacher_logits_only:
+            return {"teacher_logits": self.teacher_outputs.logits(batch.x, batch.index, batch.variant)}
+        return {"teacher_out": self.teacher_outputs.with_features(batch.x, batch.index, batch.variant)}
+
+    def _step(self, module, phase, optimizer, scaler, x, y, teacher: dict | None = None,
               index=None) -> tuple[float, int, int, dict[str, float]]:
         x = x.to(self.rt.device, non_blocking=True)
         y = y.to(self.rt.device, non_blocking=True)
@@ -272,9 +279,7 @@ class Trainer:
         for m in range(k):
             # strided micro-batches, the same split DDP ranks take from a global batch
             xm, ym = (x[m::k], y[m::k]) if k > 1 else (x, y)
-            extra = {}
-            if teacher_logits is not None:
-                extra["teacher_logits"] = teacher_logits[m::k] if k > 1 else teacher_logits
+            extra = {name: _micro(value, m, k) for name, value in (teacher or {}).items()}
             if index is not None:  # the images' dataset indices, for methods that split the data (DistPro)
                 extra["index"] = index[m::k] if k > 1 else index
             sync = contextlib.nullcontext() if m == k - 1 or not isinstance(module, DistributedDataParallel) else module.no_sync()
@@ -459,3 +464,12 @@ class Trainer:
                 if line and (json.loads(line)["phase_index"], json.loads(line)["epoch"]) < (phase_index, epoch)]
         path.write_text("".join(line + "\n" for line in keep))
 
+
+def _micro(value, m: int, k: int):
+    """Micro-batch m of k (strided, as the inputs) of a tensor or of (logits, [features])."""
+    if k == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[m::k]
+    logits, feats = value
+    return logits[m::k], [f[m::k] for f in feats]
