@@ -146,7 +146,7 @@ class Distiller(nn.Module):
         """(logits, features at `teacher_taps`): the trainer's cached ones when given, else a live forward."""
         if teacher_out is not None:
             return teacher_out
-        from .features import run_with_taps
+        from .features import run_with_taps  # features imports kd, which imports this module
 
         with torch.no_grad():
             return run_with_taps(self.teacher, x, self.teacher_taps)
