@@ -35,19 +35,22 @@ def ensure_run(run_dir: Path, **config) -> dict:
     from edgekd.errors import EdgekdError
 
     summary, failed = run_dir / "summary.json", run_dir / "failed.txt"
-    if failed.exists():
-        return {"failed": failed.read_text().strip()}
-    if not summary.exists():
-        try:
-            if (run_dir / "last.pt").exists():
-                api.train(TrainConfig(run_dir=str(run_dir)), resume=True)
-            else:
-                shutil.rmtree(run_dir, ignore_errors=True)  # a start that died before its first checkpoint
-                api.train(TrainConfig(run_dir=str(run_dir), **config))
-        except EdgekdError as e:
-            failed.write_text(str(e) + "\n")
-            return {"failed": str(e)}
-    return json.loads(summary.read_text())
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a benchmark process beside this one may be training this run: wait
+        if failed.exists():
+            return {"failed": failed.read_text().strip()}
+        if not summary.exists():
+            try:
+                if (run_dir / "last.pt").exists():
+                    api.train(TrainConfig(run_dir=str(run_dir)), resume=True)
+                else:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a start that died before its first checkpoint
+                    api.train(TrainConfig(run_dir=str(run_dir), **config))
+            except EdgekdError as e:
+                failed.write_text(str(e) + "\n")
+                return {"failed": str(e)}
+        return json.loads(summary.read_text())
 
 
 def epoch_records(run_dir: Path) -> list[dict]:
