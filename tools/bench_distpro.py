@@ -13,8 +13,6 @@ distpro); runs live under --out and are reused.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekd.config import OptimConfig  # noqa: E402
-from tools.benchdoc import ensure_run, epoch_records, mean_std, write_section  # noqa: E402
+from tools.benchdoc import ensure_run, epoch_records, mean_std, run_header, write_section  # noqa: E402
 
 
 def seconds(run: Path, phase: str | None = None) -> float:
@@ -49,7 +47,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_distpro")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_distpro.py " + " ".join(sys.argv[1:])
     budgets = sorted(args.budgets)
     common = dict(resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   optim=OptimConfig(lr=args.lr, warmup_epochs=0.5), student=args.student)
@@ -107,9 +104,8 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(mean_std(results[(label, b)]) for b in budgets) + " |")
     search_s = statistics.mean(s for s, _ in search_cost)
     retrain_s = statistics.mean(r for _, r in search_cost)
-    machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
     body = "\n".join([
-        f"Command: `{command}`  ", f"Machine: {machine}.  ", f"Date: {datetime.date.today().isoformat()}", "",
+        *run_header(args.threads),
         f"{args.data}, {args.limit} training images, full test split, 32 px; teacher `{args.teacher}` trained once "
         f"(test accuracy {100 * teacher_summary['test_acc']:.2f}%) -> `{args.student}`; SGD lr {args.lr} cosine, batch "
         f"128, seeds {args.seeds}; test accuracy (mean ± std) of the last epoch's weights. DistPro defaults: 27 "

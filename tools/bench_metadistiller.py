@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -21,9 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgekd import api  # noqa: E402
-from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import write_section  # noqa: E402
+from edgekd.config import OptimConfig  # noqa: E402
+from tools.benchdoc import ensure_run, epoch_records, mean_std, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -50,29 +48,19 @@ def main() -> None:
         for label, method, options in variants:
             for seed in args.seeds:
                 run = args.out / f"{student}-{label}-s{seed}"
-                if not (run / "summary.json").exists():
-                    if (run / "last.pt").exists():
-                        api.train(TrainConfig(run_dir=str(run)), resume=True)
-                    else:
-                        api.train(TrainConfig(run_dir=str(run), **common, student=student, method=method,
-                                              method_options=options, seed=seed,
-                                              student_options={"low_res_stem": student != "resnet18"}))
-                summary = json.loads((run / "summary.json").read_text())
-                epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+                summary = ensure_run(run, **common, student=student, method=method, method_options=options, seed=seed,
+                                     student_options={"low_res_stem": student != "resnet18"})
+                epochs = epoch_records(run)
                 results.setdefault((student, label), []).append(
                     {"acc": summary["last_epoch_test_acc"], "ensemble": summary.get("last_epoch_ensemble_test_acc"),
                      "seconds": sum(e["train_seconds"] for e in epochs)})
-
-    def stat(values):
-        values = [100 * v for v in values]
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
     lines = ["| student | training | final exit acc % | ensemble acc % | train s per run | vs CE |", "|---|---|---|---|---|---|"]
     for (student, label), rows in results.items():
         base = statistics.mean(r["seconds"] for r in results[(student, "ce")])
         secs = statistics.mean(r["seconds"] for r in rows)
-        ensemble = stat([r["ensemble"] for r in rows]) if rows[0]["ensemble"] is not None else "-"
-        lines.append(f"| {student} | {label} | {stat([r['acc'] for r in rows])} | {ensemble} | {secs:.0f} | {secs / base:.2f}x |")
+        ensemble = mean_std([r["ensemble"] for r in rows]) if rows[0]["ensemble"] is not None else "-"
+        lines.append(f"| {student} | {label} | {mean_std([r['acc'] for r in rows])} | {ensemble} | {secs:.0f} | {secs / base:.2f}x |")
     machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
     body = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
             f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, {args.epochs} epochs, SGD lr {args.lr} "

@@ -9,8 +9,6 @@ Writes tables and docs/img/mld-curves.png into docs/benchmarks.md. Runs live und
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekd.config import OptimConfig  # noqa: E402
-from tools.benchdoc import ensure_run, epoch_records, mean_std, write_section  # noqa: E402
+from tools.benchdoc import ensure_run, epoch_records, mean_std, run_header, write_section  # noqa: E402
 
 INITS = ["normal:0,1", "normal:1,1", "constant:1"]
 
@@ -80,7 +78,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_mld")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_mld.py " + " ".join(sys.argv[1:])
     common = dict(data=args.data, resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   optim=OptimConfig(lr=args.lr, warmup_epochs=0.5), epochs=args.epochs)
     teacher_run = args.teacher_run or args.out / "teacher"
@@ -119,9 +116,8 @@ def main() -> None:
     init_rows = [f"| {init} | {init_cell('scratch', init)} | {init_cell('mld', init)} |" for init in INITS]
     init_rows.append(f"| default (the zoo's init) | {init_cell('scratch')} | {init_cell('mld')} |")
 
-    machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
     body = "\n".join([
-        f"Command: `{command}`  ", f"Machine: {machine}.  ", f"Date: {datetime.date.today().isoformat()}", "",
+        *run_header(args.threads),
         f"{args.data}, {args.limit} training images (10% of them held out for validation), full test split, 32 px; "
         f"teacher `{args.teacher}` trained once (test accuracy {100 * teacher['test_acc']:.2f}%); every run "
         f"{args.epochs} epochs in total, SGD lr {args.lr} cosine (restarted per MLD phase), batch 128, seeds "

@@ -13,10 +13,7 @@ Part 3 (--accuracy-seeds) trains a real teacher once and checks that cached KD r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from edgekd.config import TrainConfig  # noqa: E402
 from edgekd.distill.teacher_outputs import TeacherRunner  # noqa: E402
 from edgekd.models import create_model  # noqa: E402
 from edgekd.train.checkpoint import model_payload, save_atomic  # noqa: E402
-from tools.benchdoc import ensure_run, mean_std, write_section  # noqa: E402
+from tools.benchdoc import ensure_run, mean_std, run_header, write_section  # noqa: E402
 
 
 def time_forward(fn, x: torch.Tensor, repeats: int) -> float:
@@ -179,9 +176,7 @@ def main() -> None:
     args.teacher_tag = "".join(f"-{k}={v}" for k, v in sorted(args.teacher_options.items()))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    head = [f"Command: `python tools/bench_teacher.py {' '.join(sys.argv[1:])}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} "
-            "threads, no GPU.  ", f"Date: {datetime.date.today().isoformat()}", ""]
+    head = run_header(args.threads)
     teacher_text = f"`{args.teacher}` {args.teacher_options or '(default options)'}"
     if not args.skip_throughput:
         body = "\n".join(head + throughput_body(args, teacher_text))

@@ -23,6 +23,19 @@ def write_section(path: Path, key: str, title: str, body: str) -> None:
         path.write_text(text)
 
 
+def run_header(threads: int) -> list[str]:
+    """The Command / Machine / Date lines every benchmark section starts with (the command from sys.argv)."""
+    import datetime
+    import platform
+    import sys
+
+    import torch
+
+    command = f"python tools/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, no GPU"
+    return [f"Command: `{command.strip()}`  ", f"Machine: {machine}.  ", f"Date: {datetime.date.today().isoformat()}", ""]
+
+
 def ensure_run(run_dir: Path, **config) -> dict:
     """A benchmark run: reused when finished, resumed when interrupted, else trained. Returns its summary, or
     {"failed": message} for a run that stopped with an edgekd error (a diverged bad initialisation, say); the

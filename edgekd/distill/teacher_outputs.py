@@ -136,7 +136,7 @@ class TeacherCache:
         self.hits = self.misses = 0  # since the last stats(reset=True)
         self.total_hits = self.total_misses = 0
         if self.directory is None:
-            self.logits = np.zeros(self.shape, dtype=np.float32)
+            self.rows = np.zeros(self.shape, dtype=np.float32)
             self.filled = np.zeros(self.shape[:2], dtype=bool)
             self.warm_entries = 0
         else:
@@ -156,7 +156,7 @@ class TeacherCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         data_path = self.directory / "logits.f32"
         mode = "r+" if data_path.exists() else "w+"
-        self.logits = np.memmap(data_path, dtype=np.float32, mode=mode, shape=self.shape)
+        self.rows = np.memmap(data_path, dtype=np.float32, mode=mode, shape=self.shape)
         filled_path = self.directory / "filled.npy"
         self.filled = np.load(filled_path) if filled_path.exists() else np.zeros(self.shape[:2], dtype=bool)
         if self.filled.shape != self.shape[:2]:
@@ -168,7 +168,7 @@ class TeacherCache:
         """Persist: logits first, then the mask that claims them (atomic rename), so a crash never claims garbage."""
         if self.directory is None:
             return
-        self.logits.flush()
+        self.rows.flush()
         tmp = self.directory / ".filled.tmp.npy"
         np.save(tmp, self.filled)
         os.replace(tmp, self.directory / "filled.npy")
@@ -178,17 +178,17 @@ class TeacherCache:
         """(hit mask (B,), rows (B, width) where hit)."""
         i, v = index.numpy(), variant.numpy()
         hit = torch.from_numpy(self.filled[i, v].copy())
-        logits = torch.from_numpy(np.asarray(self.logits[i, v]))
+        rows = torch.from_numpy(np.asarray(self.rows[i, v]))
         n_hit = int(hit.sum())
         self.hits += n_hit
         self.misses += len(hit) - n_hit
         self.total_hits += n_hit
         self.total_misses += len(hit) - n_hit
-        return hit, logits
+        return hit, rows
 
     def store(self, index: torch.Tensor, variant: torch.Tensor, rows: torch.Tensor) -> None:
         i, v = index.numpy(), variant.numpy()
-        self.logits[i, v] = rows.detach().cpu().float().numpy()
+        self.rows[i, v] = rows.detach().cpu().float().numpy()
         self.filled[i, v] = True
 
     def stats(self, reset: bool = False) -> dict:
