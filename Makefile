@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_PKG := dataset-fashion-mnist
 
-.PHONY: setup data demo test test-fast test-slow clean
+.PHONY: setup data demo test test-fast test-slow test-cuda clean
 
 $(BIN)/edgekd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-fast: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# on a machine with a CUDA GPU: AMP, the fp16 loss scaler, every method, NCCL DDP (tests/test_cuda.py)
+test-cuda: setup
+	$(BIN)/python -m pytest -q -m cuda
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

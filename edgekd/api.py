@@ -254,6 +254,7 @@ def train(
             "epochs": config.epochs,
             "global_batch": config.batch_size,
             "world_size": dist.world_size,
+            "backend": dist.backend,
             "device": str(runtime.device),
             "amp": str(runtime.amp_dtype) if runtime.amp_dtype else None,
             "wall_seconds": time.time() - started,

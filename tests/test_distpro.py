@@ -149,3 +149,13 @@ def test_resume_in_the_search_phase_is_exact(tmp_path, teacher):
     b = read_checkpoint(Path(cfg.run_dir) / "last.pt")
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
     assert all(torch.equal(a["extra"][k], b["extra"][k]) for k in a["extra"])
+
+
+def test_moving_a_phase_moves_the_methods_own_parameters_and_buffers():
+    """The trainer moves each phase's view (.to(device)); DistPro's alpha logits and process live on the parent."""
+    d = distpro()
+    for phase in d.phases(4, OptimConfig()):
+        phase.distiller.to(torch.float64)
+        assert d.alpha_logits.dtype == torch.float64 and d.process.dtype == torch.float64
+        assert all(p.dtype == torch.float64 for p in d.student.parameters())
+        d.to(torch.float32)

@@ -9,8 +9,6 @@ Writes the table into docs/benchmarks.md. Runs live under --out; finished runs a
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekd.config import OptimConfig  # noqa: E402
-from tools.benchdoc import ensure_run, epoch_records, mean_std, write_section  # noqa: E402
+from tools.benchdoc import ensure_run, epoch_records, mean_std, run_header, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +35,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_metadistiller")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_metadistiller.py " + " ".join(sys.argv[1:])
     common = dict(data=args.data, resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   optim=OptimConfig(lr=args.lr, warmup_epochs=0.5), teacher=None, epochs=args.epochs)
     variants = [("ce", "ce", {}), ("deep", "metadistiller", {"mode": "deep"}),
@@ -61,8 +58,7 @@ def main() -> None:
         secs = statistics.mean(r["seconds"] for r in rows)
         ensemble = mean_std([r["ensemble"] for r in rows]) if rows[0]["ensemble"] is not None else "-"
         lines.append(f"| {student} | {label} | {mean_std([r['acc'] for r in rows])} | {ensemble} | {secs:.0f} | {secs / base:.2f}x |")
-    machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
-    body = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
+    body = ("\n".join(run_header(args.threads)) + "\n"
             f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, {args.epochs} epochs, SGD lr {args.lr} "
             f"cosine, batch 128, seeds {args.seeds}; accuracies of the last epoch's weights (the ensemble averages all "
             f"exits' probabilities). MetaDistiller: alpha 0.5, tau 1, meta step in every {args.meta_every}th epoch "

@@ -84,7 +84,7 @@ def interpolate_process(process: torch.Tensor, steps: int) -> torch.Tensor:
     s = process.shape[0]
     if s == 1 or steps == 1:
         return process[:1].expand(steps, -1).clone() if steps > 1 else process[-1:].clone()
-    position = torch.linspace(0, s - 1, steps, dtype=torch.float64)
+    position = torch.linspace(0, s - 1, steps, dtype=torch.float64, device=process.device)
     lo = position.floor().long().clamp(max=s - 2)
     frac = (position - lo).to(process.dtype).unsqueeze(1)
     return process[lo] * (1 - frac) + process[lo + 1] * frac
@@ -360,7 +360,7 @@ def plot_process(process: torch.Tensor, pathways, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    weights = torch.stack([biased_softmax(row) for row in process]).numpy()
+    weights = torch.stack([biased_softmax(row) for row in process.detach().cpu()]).numpy()
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for p, (i, j, k) in enumerate(pathways):
         ax.plot(weights[:, p], lw=1, label=f"T{i}->S{j} {k}")

@@ -99,6 +99,13 @@ class PhaseView(Distiller):
     def wants_index(self) -> bool:
         return self._parent.wants_index
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .half() reach the shared children through this view; the parent's own parameters and
+        # buffers (DistPro's alpha logits, say) are not among them and must move too
+        super()._apply(fn, recurse)
+        self._parent._apply(fn, recurse=False)
+        return self
+
     # checkpoints hold the whole method's state (its own parameters and buffers and any optimizer of its own)
     def extra_state(self) -> dict[str, torch.Tensor]:
         return self._parent.extra_state()

@@ -13,6 +13,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str | None = None  # nccl | gloo under torchrun; None: a plain single process
 
     @property
     def is_main(self) -> bool:
@@ -20,26 +21,31 @@ class DistEnv:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
 
 def init_distributed(use_cuda: bool) -> DistEnv:
-    """Reads torchrun's environment; a plain `python`/`edgekd` call is a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Reads torchrun's environment; a plain `python`/`edgekd` call is a single process. Under torchrun even one
+    process joins a process group (of one), so `torchrun --nproc_per_node=1` runs the DDP code path."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if use_cuda else "gloo"
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                  backend)
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
     return env
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """The sum over all processes, on the device `values` came from (NCCL reduces only CUDA tensors)."""
+    if not env.enabled:
+        return values
+    on_backend = values.to(torch.device("cuda", env.local_rank)) if env.backend == "nccl" else values
+    dist.all_reduce(on_backend, op=dist.ReduceOp.SUM)
+    return on_backend.to(values.device)
 
 
 def average_gradients(grads: list[torch.Tensor]) -> None:

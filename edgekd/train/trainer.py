@@ -405,7 +405,7 @@ class Trainer:
         stop = torch.tensor([1.0 if self._stop.is_set() else 0.0])
         if self.rt.dist.enabled:
             # every rank must stop at the same step or the collective ops would hang
-            stop = all_reduce_sum(stop.to(self.rt.device), self.rt.dist).cpu()
+            stop = all_reduce_sum(stop, self.rt.dist)
         return bool(stop.item() > 0)
 
     @contextlib.contextmanager
