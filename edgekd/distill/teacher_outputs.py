@@ -229,7 +229,7 @@ class TeacherOutputs:
             fresh = torch.cat([t.cpu().flatten(1) for t in (logits, *feats)], 1)
             self.cache.store(index[miss], variant[miss], fresh)
             rows[miss] = fresh
-        rows = rows.to(self.runner.device, non_blocking=True)  # the cache lives in host memory; x may still too
+        rows = rows.to(self.runner.device, non_blocking=True)  # the cache is in host memory, x may be too
         if not self.runner.taps:
             return rows, []
         sizes = [int(np.prod(shape)) for shape in self.row_shapes]
