@@ -8,10 +8,7 @@ writes the table (test accuracy mean/std, training throughput, KD overhead) into
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import write_section  # noqa: E402
+from tools.benchdoc import run_header, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +38,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_kd")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_kd.py " + " ".join(sys.argv[1:])
 
     common = dict(data=args.data, resolution=args.resolution, limit=args.limit, batch_size=args.batch_size,
                   student=args.student, student_options={"low_res_stem": False}, checkpoint_interval_s=600.0)
@@ -78,10 +74,7 @@ def main() -> None:
     for label, (am, asd), (sm, ssd), per_seed in rows:
         table.append(f"| {label} | {am:.2f} ± {asd:.2f} | {per_seed} | {sm:.0f} ± {ssd:.0f} |")
     body = "\n".join([
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU.  ",
-        f"Date: {datetime.date.today().isoformat()}",
-        "",
+        *run_header(args.threads),
         f"Data: {args.data}, {args.limit} training images (stratified subset), full test split "
         f"({results['ce'][0]['data']['sizes']['test']} images), {args.resolution} px, grey replicated to 3 channels, "
         "random crop + flip. "

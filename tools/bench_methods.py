@@ -9,8 +9,6 @@ Writes two tables into docs/benchmarks.md (methods; SSKD stages). Runs live unde
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import ensure_run, write_section  # noqa: E402
+from tools.benchdoc import ensure_run, run_header, write_section  # noqa: E402
 
 METHODS = ["ce", "kd", "logit_l2", "fitnet", "at", "nst", "ab", "fsp", "rkd", "dml", "byot", "sskd", "sskd_multiloss"]
 NO_TEACHER = {"ce", "dml", "byot"}
@@ -64,7 +62,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_methods")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_methods.py " + " ".join(sys.argv[1:])
     common = dict(data=args.data, resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   student=args.student, student_options={"low_res_stem": False}, epochs=args.epochs,
                   optim=OptimConfig(lr=0.05, warmup_epochs=0.5))
@@ -79,8 +76,7 @@ def main() -> None:
             name = f"{method} ({k} stage{'s' if k > 1 else ''})"
             stages[name] = [run_once(args, common, teacher_run, f"{method}-k{k}", method, s, {"stages": str(k)})
                             for s in args.seeds]
-    machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
-    head = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
+    head = ("\n".join(run_header(args.threads)) + "\n"
             f"{args.data}, {args.limit} training images, full test split, 32 px, teacher `{args.teacher}` "
             f"({TrainConfig.load(teacher_run / 'config.yaml').epochs} epochs, test accuracy {100 * teacher_acc:.2f}%) -> `{args.student}`, "
             f"{args.epochs} epochs for every method (multi-phase methods split them per their defaults, "

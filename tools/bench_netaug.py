@@ -9,9 +9,7 @@ Runs live under --out; finished runs are reused by a rerun.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import write_section  # noqa: E402
+from tools.benchdoc import run_header, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +40,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_netaug")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python tools/bench_netaug.py " + " ".join(sys.argv[1:])
     common = dict(data=args.data, resolution=32, limit=args.limit, batch_size=128, checkpoint_interval_s=600.0,
                   optim=OptimConfig(lr=args.lr, warmup_epochs=0.5))
     teacher_run = args.out / "teacher"
@@ -79,8 +76,7 @@ def main() -> None:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(f"| {student} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                      f"{[round(a, 2) for a in accs]} | {secs:.0f} | {secs / base:.2f}x time |")
-    machine = f"{platform.machine()}, 2 CPU cores, torch {torch.__version__}, {args.threads} threads, no GPU"
-    body = (f"Command: `{command}`  \nMachine: {machine}.  \nDate: {datetime.date.today().isoformat()}\n\n"
+    body = ("\n".join(run_header(args.threads)) + "\n"
             f"Fashion-MNIST, {args.limit} training images, full test split, 32 px, {args.epochs} epochs, SGD lr "
             f"{args.lr} cosine (one rate for all: NetAug diverges at CE's usual 0.05 on small batches, see "
             f"docs/methods.md), batch 128, seeds {args.seeds} (large student: {args.large_seeds or args.seeds}); the tiny student with the MCU stem (stride 1), the large one "

@@ -165,7 +165,7 @@ class TeacherCache:
         self.warm_entries = int(self.filled.sum())
 
     def flush(self) -> None:
-        """Persist: logits first, then the mask that claims them (atomic rename), so a crash never claims garbage."""
+        """Persist: rows first, then the mask that claims them (atomic rename), so a crash never claims garbage."""
         if self.directory is None:
             return
         self.rows.flush()
