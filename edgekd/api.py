@@ -1,6 +1,7 @@
 """The Python API the CLI is a thin layer over; notebook users call these directly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -14,18 +15,19 @@ from torch import nn
 
 from .config import TrainConfig
 from .data.datamodule import DataModule, load_data
+from .data.imageset import ConcatImageSet
 from .distill import METHODS, Distiller
-from .distill.teacher_outputs import (DEFAULT_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
+from .distill.phase import Phase
+from .distill.teacher_outputs import (TEACHER_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
                                       images_fingerprint, state_fingerprint)
+from .distributed import barrier, init_distributed, shutdown
 from .errors import EdgekdError
-from .export import Artifact, export  # noqa: F401  (api.export is the public entry point)
-from .models import create_model, get_model_info
+from .export.pipeline import Artifact, export  # noqa: F401  (api.export is the public entry point)
+from .models import classifier_parameters, create_model, get_model_info
 from .models.init import init_weights
 from .targets import Target, load_target
 from .train.checkpoint import file_sha256, load_model
-from .train.distributed import barrier, init_distributed, shutdown
-from .train.phases import Phase
-from .train.trainer import Runtime, Trainer, make_runtime
+from .train.trainer import Runtime, Trainer, TrainViews, make_runtime
 
 DEFAULT_RESOLUTION = 32
 DEFAULT_CHANNELS = 3
@@ -40,6 +42,7 @@ class Resolved:
     resolution: int
     channels: int
     model_options: dict[str, Any]
+    teacher_resolution: int  # == resolution unless --teacher-resolution asks for more
 
 
 def resolve(config: TrainConfig) -> Resolved:
@@ -47,8 +50,23 @@ def resolve(config: TrainConfig) -> Resolved:
     resolution = config.resolution or (target.input.resolution if target else DEFAULT_RESOLUTION)
     channels = config.channels or (target.input.channels if target else DEFAULT_CHANNELS)
     model_options = dict(target.model_options) if target else {}
-    METHODS.get(config.method)  # unknown method: fail before anything is loaded
-    return Resolved(config, target, resolution, channels, model_options)
+    method = METHODS.get(config.method)  # unknown method: fail before anything is loaded
+    teacher_resolution = config.teacher_resolution or resolution
+    if teacher_resolution < resolution:
+        raise EdgekdError(f"--teacher-resolution {teacher_resolution} is below the student's {resolution} px: the "
+                          "teacher's view is resized down to the student's, so pass a value >= "
+                          f"{resolution} (or leave it out)")
+    if teacher_resolution != resolution and (not method.teacher_logits_only or config.student_edit):
+        raise EdgekdError(f"--teacher-resolution needs a method that takes the teacher's logits (kd, fm, dkd, dist, "
+                          f"logit_l2); '{config.method}' taps teacher features at the student's resolution")
+    mixing = config.mix is not None
+    if (mixing or config.unlabeled) and not method.handles_mixed_labels:
+        what = "--mixup/--cutmix" if mixing else "--unlabeled"
+        raise EdgekdError(f"method '{config.method}' does not handle {what}: use ce, kd, fm, dkd or dist")
+    if config.unlabeled and not method.requires_teacher:
+        raise EdgekdError(f"--unlabeled images are learned from a teacher, and method '{config.method}' has none: "
+                          "use kd, fm, dkd or dist")
+    return Resolved(config, target, resolution, channels, model_options, teacher_resolution)
 
 
 def build_student(config: TrainConfig, resolved: Resolved, num_classes: int) -> nn.Module:
@@ -190,8 +208,10 @@ def train(
         config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
     dist = runtime.dist
     try:
-        data = load_data(config.data, resolution=resolved.resolution, channels=resolved.channels,
-                         seed=config.split_seed, val_fraction=config.val_fraction, limit=config.limit)
+        data = _load(config, resolved.resolution, resolved.channels)
+        # the same splits at the teacher's resolution: the teacher trains there and sees that view of every image
+        teacher_data = (_load(config, resolved.teacher_resolution, resolved.channels)
+                        if resolved.teacher_resolution != resolved.resolution else None)
         num_classes = data.info.num_classes
         selection = None
         if config.student == AUTO_STUDENT:
@@ -206,14 +226,20 @@ def train(
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
+            if data.skipped:
+                _report_skipped(run_dir, data, console)
             if selection is not None:
                 (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
         barrier(dist)
 
         teacher, teacher_info = None, None
         if method_cls.requires_teacher or config.student_edit:
-            teacher, teacher_info = _prepare_teacher(config, resolved, data, runtime, loaded_teacher, console)
-            teacher.input_size = resolved.resolution  # a loaded checkpoint does not know it
+            teacher, teacher_info = _prepare_teacher(config, resolved, teacher_data or data, runtime, loaded_teacher,
+                                                     console)
+            if console is not None and dist.is_main and teacher_info.get("test_acc") is not None:
+                console.print(f"teacher {teacher_info['name']} at {resolved.teacher_resolution} px: test accuracy "
+                              f"{100 * teacher_info['test_acc']:.2f}%")
+            teacher.input_size = resolved.teacher_resolution  # a loaded checkpoint does not know it
         if config.student_edit:
             student = _edited_teacher(teacher, config.student_edit)
             if not method_cls.requires_teacher:
@@ -229,12 +255,21 @@ def train(
                 + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
             )
         outputs, variants = None, 0
+        views = TrainViews(randaug=config.randaug, mix=config.mix, with_unlabeled=data.unlabeled is not None)
         if teacher is not None and (distiller.teacher_logits_only or distiller.teacher_taps):
-            outputs, variants = _teacher_outputs(config, data, runtime, teacher, console, distiller.teacher_taps)
+            if teacher_data is not None:
+                views = dataclasses.replace(views, teacher_data=teacher_data,
+                                            teacher_norm=_teacher_normalisation(teacher_info, teacher_data))
+            outputs, variants = _teacher_outputs(config, teacher_data or data, runtime, teacher, console,
+                                                 distiller.teacher_taps, views, resolved)
         elif teacher is not None and console is not None and dist.is_main:
             console.print(f"method {config.method} needs live teacher internals: the teacher runs every step (no cache)")
-        trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants)
+        trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants, views)
         result = trainer.fit(phases, resume=resume)
+        warnings = _teacher_warnings(teacher_info, result)
+        if warnings and console is not None and dist.is_main:
+            for line in warnings:
+                console.print(f"[yellow]warning: {line}[/]")
         if dist.is_main:
             distiller.write_artifacts(run_dir)
         if outputs is not None and outputs.cache is not None:
@@ -246,10 +281,13 @@ def train(
             "method_options": options.__dict__,
             "method_extra_parameters": sum(p.numel() for p in distiller.extra_parameters()),
             "teacher": teacher_info,
+            **({"warnings": warnings} if warnings else {}),
             "target": resolved.target.name if resolved.target else None,
             "resolution": resolved.resolution,
+            "teacher_resolution": resolved.teacher_resolution if teacher is not None else None,
             "channels": resolved.channels,
             "data": data.describe(),
+            "skipped_files": len(data.skipped),
             **result,
             "epochs": config.epochs,
             "global_batch": config.batch_size,
@@ -268,44 +306,115 @@ def train(
         shutdown(dist)
 
 
+SKIPPED_FILES = "skipped-files.txt"
+
+
+def _report_skipped(run_dir: Path, data: DataModule, console) -> None:
+    """Unreadable image files the data left out: listed in the run directory, announced in one warning line."""
+    (run_dir / SKIPPED_FILES).write_text("".join(f"{path}\t{reason}\n" for path, reason in data.skipped))
+    if console is not None:
+        console.print(f"[yellow]warning: skipped {len(data.skipped)} unreadable image file(s) of {data.spec}, "
+                      f"listed in {run_dir / SKIPPED_FILES} (--strict-data stops at them instead)[/]")
+
+
+def train_teacher(config: TrainConfig, *, console=None) -> dict:
+    """Train (or fine-tune, with `teacher_pretrained`) the config's zoo teacher into `run_dir/teacher` at the
+    teacher's resolution, without training a student; resumes an interrupted one. Returns its summary, which
+    student runs reuse with `--teacher RUN_DIR/teacher` (and the same `--teacher-resolution`)."""
+    if not config.teacher or is_checkpoint_source(config.teacher):
+        raise EdgekdError(f"train_teacher trains a zoo teacher; got '{config.teacher}' (see `edgekd models`)")
+    resolved = resolve(config)
+    runtime = make_runtime(config.device, config.amp, config.channels_last, init_distributed(
+        config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
+    try:
+        data = _load(config, resolved.teacher_resolution, resolved.channels)
+        _check_teacher(config, data.info.num_classes)
+        _, info = _prepare_teacher(config, resolved, data, runtime, None, console)
+        return info
+    finally:
+        shutdown(runtime.dist)
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _load(config: TrainConfig, resolution: int, channels: int) -> DataModule:
+    return load_data(config.data, resolution=resolution, channels=channels, seed=config.split_seed,
+                     val_fraction=config.val_fraction, limit=config.limit,
+                     labels_per_class=config.labels_per_class, unlabeled=config.unlabeled, strict=config.strict_data)
+
+
+# a teacher less than this many points above its student is not worth distilling from (it caps the student)
+TEACHER_MARGIN_POINTS = 1.0
+
+
+def _teacher_warnings(teacher_info: dict | None, result: dict) -> list[str]:
+    """Tell the user when the teacher is no better than the student it taught."""
+    teacher_acc = (teacher_info or {}).get("test_acc")
+    if teacher_acc is None or result.get("test_acc") is None:
+        return []
+    gap = 100 * (teacher_acc - result["test_acc"])
+    if gap >= TEACHER_MARGIN_POINTS:
+        return []
+    return [f"the teacher ({100 * teacher_acc:.2f}% test accuracy) is only {gap:+.2f} points above the student "
+            f"({100 * result['test_acc']:.2f}%): it is not clearly better, so distillation caps the student near it. "
+            "Train it longer, start it from pretrained weights (--teacher efficientnet_lite0 --teacher-pretrained) "
+            "or at a higher --teacher-resolution, and compare with --method ce"]
+
+
+def _teacher_normalisation(teacher_info: dict, teacher_data: DataModule) -> tuple[tuple, tuple]:
+    """The input normalisation the teacher was trained with: its checkpoint's, else its data's."""
+    recorded = (teacher_info or {}).get("data") or {}
+    if recorded.get("mean") and recorded.get("std"):
+        return tuple(recorded["mean"]), tuple(recorded["std"])
+    return teacher_data.mean, teacher_data.std
+
+
 def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainConfig, console, on_step,
-             teacher_outputs: TeacherOutputs | None = None, variants: int = 0) -> Trainer:
+             teacher_outputs: TeacherOutputs | None = None, variants: int = 0,
+             views: TrainViews | None = None) -> Trainer:
     return Trainer(run_dir, data, runtime, batch_size=config.batch_size, micro_batches=config.micro_batches,
                    augment=config.augment, seed=config.seed, checkpoint_interval_s=config.checkpoint_interval_s,
                    console=console, on_step=on_step, teacher_outputs=teacher_outputs, variants=variants,
-                   bank_seed=config.split_seed)
+                   bank_seed=config.split_seed, views=views)
 
 
 def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
-                     console, taps: tuple[str, ...] = ()) -> tuple[TeacherOutputs, int]:
+                     console, taps: tuple[str, ...] = (), views: TrainViews | None = None,
+                     resolved: Resolved | None = None) -> tuple[TeacherOutputs, int]:
     """The fast teacher runner, plus the cache of its logits (and tapped features) unless it is off or (auto)
-    over budget."""
+    over budget. `data` holds the images the teacher sees (at its resolution)."""
     runner = TeacherRunner(teacher, runtime.device, fold_bn=config.teacher_fold_bn,
                            autocast=config.teacher_autocast, compile=config.teacher_compile, taps=taps)
     augmenting = config.augment and data.augment is not None
     variants = (config.teacher_cache_variants or config.epochs) if augmenting else 0
     if config.teacher_cache == "off":
         return TeacherOutputs(runner, None), variants
+    views = views or TrainViews()
+    train_images = data.train if not views.with_unlabeled else ConcatImageSet([data.train, data.unlabeled])
     key = {
         "teacher": state_fingerprint(teacher), "runner": runner.settings,
-        "images": images_fingerprint(data.train), "data": data.describe(),
+        "images": images_fingerprint(train_images), "data": data.describe(),
         "augment": {"pad": data.augment.pad, "hflip": data.augment.hflip} if augmenting else None,
         "variants": variants, "bank_seed": config.split_seed,
         "rank": runtime.dist.rank, "world_size": runtime.dist.world_size,
     }
+    if augmenting and (views.randaug or views.mix):  # the bank's views (mix partner and lambda included)
+        key["policy"] = {"randaug": dataclasses.asdict(views.randaug) if views.randaug else None,
+                         "mix": dataclasses.asdict(views.mix) if views.mix else None}
+    if resolved is not None and resolved.teacher_resolution != resolved.resolution:
+        key["resolutions"] = {"teacher": resolved.teacher_resolution, "student": resolved.resolution,
+                              "teacher_norm": [list(v) for v in views.teacher_norm]}
     directory = None
     if config.teacher_cache == "disk":
-        directory = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else DEFAULT_CACHE_DIR
+        directory = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else TEACHER_CACHE_DIR
     budget = config.teacher_cache_budget_mb << 20
     row_shapes = runner.row_shapes((data.channels, data.resolution, data.resolution))
     width = sum(math.prod(shape) for shape in row_shapes)
     what = "logits" if not taps else f"logits and {len(taps)} feature map(s)"
     try:
-        cache = TeacherCache(key, len(data.train), variants, width, directory=directory, memory_budget_bytes=budget)
+        cache = TeacherCache(key, len(train_images), variants, width, directory=directory, memory_budget_bytes=budget)
     except EdgekdError as e:
         if config.teacher_cache != "auto":
             raise
@@ -341,9 +450,16 @@ def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, 
     if loaded is not None:
         teacher, payload = loaded
         path = Path(source) / "best.pt" if Path(source).is_dir() else Path(source)
+        recorded = payload.get("data", {})
         info = {"name": payload["model_config"]["name"], "source": source,
-                "test_acc": payload.get("metrics", {}).get("test_acc"), "checkpoint_sha256": file_sha256(path)}
-        _warn_normalisation(payload.get("data", {}), data, console)
+                "test_acc": payload.get("metrics", {}).get("test_acc"), "checkpoint_sha256": file_sha256(path),
+                "data": {k: recorded[k] for k in ("mean", "std", "resolution") if k in recorded}}
+        if info["test_acc"] is None and Path(source).is_dir() and (Path(source) / "summary.json").exists():
+            info["test_acc"] = json.loads((Path(source) / "summary.json").read_text()).get("test_acc")
+        _warn_normalisation(recorded, data, console)
+        if console is not None and recorded.get("resolution") not in (None, data.resolution):
+            console.print(f"[yellow]note: the teacher was trained at {recorded['resolution']} px and is queried at "
+                          f"{data.resolution} px here; pass --teacher-resolution {recorded['resolution']}[/]")
         return teacher, info
     teacher_dir = Path(config.run_dir) / "teacher"
     summary_path = teacher_dir / "summary.json"
@@ -352,16 +468,19 @@ def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, 
         return teacher, json.loads(summary_path.read_text())
     # the target's model options make the student deployable; the teacher is never deployed, so it keeps its own
     torch.manual_seed(config.seed)
-    teacher = create_model(source, data.info.num_classes, in_chans=resolved.channels, input_size=resolved.resolution,
+    teacher = create_model(source, data.info.num_classes, in_chans=resolved.channels, input_size=data.resolution,
                            pretrained=config.teacher_pretrained, **config.teacher_options)
     if console is not None and runtime.dist.is_main:
         console.print(f"training teacher {source} ({_count(teacher):,} params) for {config.teacher_epochs} epochs")
     ce = METHODS.get("ce")(teacher, None, METHODS.get("ce").Options())
-    phase = Phase("teacher", config.teacher_epochs, ce, list(teacher.parameters()), config.teacher_optim)
+    phase = Phase("teacher", config.teacher_epochs, ce, list(teacher.parameters()), config.teacher_optim,
+                  head=classifier_parameters(teacher))
     trainer = _trainer(teacher_dir, data, runtime, config, console, None)
     result = trainer.fit([phase], resume=(teacher_dir / "last.pt").exists())
+    epochs = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines() if line]
     info = {"name": source, "source": "trained in this run", "pretrained": config.teacher_pretrained,
-            "model_config": teacher.model_config, **result}
+            "model_config": teacher.model_config, "resolution": data.resolution,
+            "train_seconds": sum(e.get("train_seconds") or 0.0 for e in epochs), **result}
     if runtime.dist.is_main:
         summary_path.write_text(json.dumps(info, indent=2) + "\n")
     barrier(runtime.dist)
@@ -372,7 +491,9 @@ def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, 
 def _warn_normalisation(teacher_data: dict, data: DataModule, console) -> None:
     if console is None or not teacher_data:
         return
-    if teacher_data.get("mean") and list(teacher_data["mean"]) != list(data.mean):
+    recorded = teacher_data.get("mean")
+    if recorded and (len(recorded) != len(data.mean)
+                     or any(abs(a - b) > 1e-5 for a, b in zip(recorded, data.mean))):  # describe() rounds to 6 digits
         console.print(f"[yellow]note: the teacher was trained with input mean {teacher_data['mean']}, this run uses {list(data.mean)}[/]")
 
 

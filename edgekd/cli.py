@@ -1,6 +1,7 @@
 """Command line: parse, call edgekd.api, print. No logic lives here."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -10,6 +11,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import EdgekdError
+from .export.formats import FORMATS, PRECISIONS
 
 
 def _console():
@@ -61,18 +63,6 @@ def main():
     """edgekd: distill tiny image classifiers for edge devices."""
 
 
-# options that --resume forbids, mapped to TrainConfig fields
-TRAIN_FIELDS = {
-    "target": "target", "data": "data", "student": "student", "teacher": "teacher", "method": "method",
-    "epochs": "epochs", "teacher_epochs": "teacher_epochs", "batch_size": "batch_size",
-    "resolution": "resolution", "channels": "channels", "limit": "limit", "seed": "seed", "device": "device",
-    "micro_batches": "micro_batches", "run_dir": "run_dir", "teacher_pretrained": "teacher_pretrained",
-    "teacher_cache": "teacher_cache", "teacher_cache_variants": "teacher_cache_variants",
-    "teacher_cache_dir": "teacher_cache_dir", "teacher_autocast": "teacher_autocast", "student_edit": "student_edit",
-    "student_init": "student_init",
-}
-
-
 @main.command()
 @click.option("--target", help="Device target (see `edgekd targets list`): sets resolution, channels, model options.")
 @click.option("--data", help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
@@ -83,8 +73,13 @@ TRAIN_FIELDS = {
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
 @click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
 @click.option("--teacher-epochs", type=int, help="Epochs to train a zoo teacher on the data.")
+@click.option("--teacher-resolution", type=int, metavar="PX",
+              help="Train and query the teacher at this resolution (>= the student's); the student gets the same augmented view resized.")
+@click.option("--teacher-lr", type=float, help="Peak learning rate of the teacher's training (default 0.05).")
+@click.option("--teacher-body-lr-scale", type=float, metavar="S",
+              help="Fine-tuning: the teacher's body (all but the classifier) trains at S x its lr (0 < S <= 1).")
 @click.option("--teacher-cache", type=click.Choice(["auto", "memory", "disk", "off"]),
-              help="Reuse teacher logits per (image, augmentation variant) for logit-only methods (KD).")
+              help="Reuse teacher outputs per (image, augmentation variant): logits for KD-style methods, also feature maps for AT/NST.")
 @click.option("--teacher-cache-variants", type=int, metavar="K",
               help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch.")
 @click.option("--teacher-cache-dir", help="Where disk caches live (default ~/.cache/edgekd/teacher-outputs).")
@@ -102,7 +97,17 @@ TRAIN_FIELDS = {
 @click.option("--resolution", type=int, help="Input size in pixels (default: the target's).")
 @click.option("--channels", type=click.IntRange(1, 3), help="Input channels, 1 or 3 (default: the target's).")
 @click.option("--limit", type=int, help="Use at most this many training images (quick runs).")
+@click.option("--strict-data", is_flag=True, default=None,
+              help="Stop at an unreadable image file instead of skipping it (skipped files are listed in the run).")
 @click.option("--no-augment", is_flag=True, default=None, help="Disable random crop/flip.")
+@click.option("--randaug", metavar="N,M", help="RandAugment on top of crop/flip: N ops per image at magnitude M (0..10), e.g. 2,9.")
+@click.option("--mixup", type=float, metavar="ALPHA", help="Mixup per image with lambda ~ Beta(ALPHA, ALPHA) (0: off; timm uses 0.8).")
+@click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix per image with lambda ~ Beta(ALPHA, ALPHA) (0: off; timm uses 1.0).")
+@click.option("--mix-prob", type=float, help="Probability that an image is mixed (default 1).")
+@click.option("--labels-per-class", type=float, metavar="N",
+              help="Keep only N labels per class (or a fraction < 1 of the train split); the rest can join --unlabeled rest.")
+@click.option("--unlabeled", metavar="SPEC",
+              help="Images distilled from the teacher without labels: any --data source (labels ignored), or 'rest'.")
 @click.option("--seed", type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--no-amp", is_flag=True, default=None, help="Full precision on CUDA.")
@@ -127,7 +132,8 @@ def train(ctx, **kw):
         return
 
     base = TrainConfig.load(kw["config_file"]) if kw["config_file"] else TrainConfig()
-    changes = {field: kw[name] for name, field in TRAIN_FIELDS.items() if kw.get(name) is not None}
+    # an option named like a TrainConfig field sets that field; the others are translated below
+    changes = {f.name: kw[f.name] for f in dataclasses.fields(TrainConfig) if kw.get(f.name) is not None}
     if changes.get("teacher") == "none":
         changes["teacher"] = None
     if "run_dir" in changes:
@@ -136,6 +142,17 @@ def train(ctx, **kw):
         changes["run_dir"] = str(_default_run_dir(changes.get("student", base.student), changes.get("method", base.method)))
     if kw["no_augment"]:
         changes["augment"] = False
+    for name in ("teacher_resolution", "mixup", "cutmix", "mix_prob", "unlabeled"):
+        if kw[name] is not None:
+            changes[name] = kw[name]
+    if kw["labels_per_class"] is not None:
+        n = kw["labels_per_class"]
+        changes["labels_per_class"] = int(n) if n >= 1 and n == int(n) else n
+    if kw["randaug"] is not None:
+        changes["randaug_ops"], changes["randaug_magnitude"] = _randaug(kw["randaug"])
+    teacher_optim = {k: kw[f"teacher_{k}"] for k in ("lr", "body_lr_scale") if kw[f"teacher_{k}"] is not None}
+    if teacher_optim:
+        changes["teacher_optim"] = OptimConfig(**{**base.teacher_optim.__dict__, **teacher_optim})
     if kw["no_amp"]:
         changes["amp"] = False
     if kw["student_opts"]:
@@ -148,6 +165,14 @@ def train(ctx, **kw):
     config = base.replace(**changes)
     summary = api.train(config, console=console)
     _print_summary(console, summary)
+
+
+def _randaug(text: str) -> tuple[int, int]:
+    ops, sep, magnitude = text.partition(",")
+    try:
+        return int(ops), int(magnitude) if sep else 9
+    except ValueError:
+        raise EdgekdError(f"--randaug expects N,M (ops per image, magnitude 0..10), e.g. 2,9; got '{text}'") from None
 
 
 def _default_run_dir(student: str, method: str) -> Path:
@@ -177,9 +202,9 @@ def _print_summary(console, summary: dict) -> None:
 
 @main.command("export")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--format", "format_", type=click.Choice(["onnx", "tflite", "tensorrt"]),
+@click.option("--format", "format_", type=click.Choice(list(FORMATS)),
               help="Artifact format (default: the target's).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "dynamic-range", "int8"]),
+@click.option("--precision", type=click.Choice(list(PRECISIONS)),
               help="Numeric precision (default: the target's, else the format's: onnx fp32, tflite fp32, tensorrt fp16).")
 @click.option("--target", help="Device target: picks format/precision and checks flash and RAM (see `edgekd targets list`).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -215,12 +240,12 @@ def targets_list():
     """One line per target."""
     from rich.table import Table
 
-    from .targets import list_targets
+    from .targets import format_bytes, list_targets
 
     table = Table("name", "runtime", "format/precision", "RAM", "flash", "input", "latency budget")
     for t in list_targets():
-        table.add_row(t.name, t.runtime, f"{t.export.format}/{t.export.precision}", _bytes(t.memory.ram_bytes),
-                      _bytes(t.memory.flash_bytes), f"{t.input.resolution}px x{t.input.channels}", f"{t.latency_budget_ms:g} ms")
+        table.add_row(t.name, t.runtime, f"{t.export.format}/{t.export.precision}", format_bytes(t.memory.ram_bytes),
+                      format_bytes(t.memory.flash_bytes), f"{t.input.resolution}px x{t.input.channels}", f"{t.latency_budget_ms:g} ms")
     _console().print(table)
 
 
@@ -272,17 +297,6 @@ def methods():
     _console().print(table)
 
 
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:g} {unit}"
-    return f"{n} B"
-
-
-if __name__ == "__main__":
-    main()
-
-
 @main.command("profile")
 @click.argument("sources", nargs=-1)
 @click.option("--target", "targets", multiple=True, help="Device target(s); default: the run's --target.")
@@ -325,6 +339,7 @@ def select_cmd(candidates, target, sweep, resolutions, num_classes):
     from rich.table import Table
 
     from . import api
+    from .profile.report import DEPLOYED_WEIGHTS_NOTE
     from .targets import format_bytes
 
     try:
@@ -334,7 +349,7 @@ def select_cmd(candidates, target, sweep, resolutions, num_classes):
     result = api.select(target, list(candidates), sweep=sweep, resolutions=res, num_classes=num_classes)
     console = _console()
     table = Table(title=f"students for {result.target} (estimates)")
-    for col in ("candidate", "MACs", "params", "SRAM", "flash", "latency ms", "fits", "Pareto"):
+    for col in ("candidate", "MACs", "deployed weights", "SRAM", "flash", "latency ms", "fits", "Pareto"):
         table.add_column(col)
     for r in sorted(result.rows, key=lambda r: (bool(r["misses"]), not r["pareto"], -r["macs"])):
         misses = ", ".join(f"{k} +{v:.0%}" for k, v in r["misses"].items())
@@ -343,3 +358,8 @@ def select_cmd(candidates, target, sweep, resolutions, num_classes):
                       "*" if r["pareto"] else "")
     console.print(table)
     console.print(result.reason)
+    console.print(DEPLOYED_WEIGHTS_NOTE)
+
+
+if __name__ == "__main__":  # last, so that `python -m edgekd.cli` (the form torchrun runs) has every command
+    main()

@@ -17,21 +17,21 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import EdgekdError
+from .export import formats
+from .resources import data_dir
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGETS_DIR = data_dir("targets")  # the checkout's targets/, or the copy an installed wheel carries
 TARGETS_DIR_ENV = "EDGEKD_TARGETS_DIR"
 
-DEVICE_CLASSES = ("mcu", "cpu", "gpu")
-RUNTIMES = ("tensorrt", "tflite", "tflite-micro")
-FORMATS = ("onnx", "tflite", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-
-# What each runtime can actually consume. TFLite Micro only runs on MCUs and we only ship full-int8 models
-# there; TensorRT only runs on NVIDIA GPUs and builds its engine from ONNX (or loads a prebuilt engine).
+# the allowed values and the runtime rules come from the export formats table (edgekd/export/formats.py)
+RUNTIMES = tuple(formats.RUNTIMES)
+FORMATS = tuple(formats.FORMATS)
+PRECISIONS = formats.TARGET_PRECISIONS
+DEVICE_CLASSES = formats.DEVICE_CLASSES
 _RUNTIME_RULES: dict[str, dict[str, tuple[str, ...]]] = {
-    "tflite-micro": {"device_class": ("mcu",), "export.format": ("tflite",), "export.precision": ("int8",)},
-    "tflite": {"device_class": ("cpu", "gpu"), "export.format": ("tflite",)},
-    "tensorrt": {"device_class": ("gpu",), "export.format": ("tensorrt", "onnx")},
+    r.name: {"device_class": r.device_classes, "export.format": r.formats,
+             **({"export.precision": r.precisions} if r.precisions is not None else {})}
+    for r in formats.RUNTIMES.values()
 }
 
 # key -> (kind, hint) or a nested section. kind: "str", "int", "float", "options" or a tuple of allowed values.

@@ -1,5 +1,7 @@
 """The CLI is a thin layer: commands list what is registered and bad input ends in one line, exit code 2."""
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -23,6 +25,14 @@ def test_listing_commands():
     assert out.exit_code == 0 and "kd" in out.output and "ce" in out.output
 
 
+def test_module_form_has_every_command():
+    """`python -m edgekd.cli` is what torchrun runs (README): it must know every command of `edgekd`."""
+    out = subprocess.run([sys.executable, "-m", "edgekd.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in main.commands:
+        assert command in out.stdout, f"`python -m edgekd.cli` lacks '{command}'"
+    assert "profile" in main.commands and "select" in main.commands
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -44,6 +54,17 @@ def test_bad_input_is_one_line_with_exit_code_2(args, message, tmp_path, monkeyp
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_strict_data_makes_an_unreadable_image_fatal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # only a header
+    args = ["train", "--data", "imagefolder:images", "--teacher", "none", "--method", "ce"]
+    strict = CliRunner().invoke(main, [*args, "--strict-data"])
+    assert strict.exit_code == 2 and strict.output.startswith("error: cannot decode image images/cat/x.png"), strict.output
+    skipping = CliRunner().invoke(main, args)  # skipped, but one of one is over the limit
+    assert skipping.exit_code == 2 and "error: 1 of 1 images under images cannot be decoded" in skipping.output
 
 
 def test_train_writes_a_run_and_resume_of_a_finished_run_reports_it(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.distill import METHODS, FeatureTaps, kd_loss
+from edgekd.distill import METHODS, kd_loss
+from edgekd.distill.features import run_with_taps
 from edgekd.distill.kd import HintonKD, KDOptions
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
@@ -57,15 +58,17 @@ def test_teacher_stays_frozen_in_eval_mode_and_gets_no_gradient():
 def test_feature_taps_collect_by_module_path_and_reject_unknown_paths():
     model = create_model("resnet18", 10, input_size=32, low_res_stem=True)
     paths = [info.module for info in model.feature_info]
-    taps = FeatureTaps(model, paths)
-    model(torch.randn(2, 3, 32, 32))
-    feats = taps.pop()
+    x = torch.randn(2, 3, 32, 32)
+    logits, feats = run_with_taps(model, x, paths)
+    assert torch.equal(logits, model(x))
     assert [f.shape[1] for f in feats] == [info.channels for info in model.feature_info]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed again
+    out, (early,) = run_with_taps(model, x, [paths[0]], stop_after=paths[0])  # the forward ends there
+    assert out is None and torch.equal(early, feats[0])
     with pytest.raises(RuntimeError, match="did not fire"):
-        taps.pop()
-    taps.remove()
+        run_with_taps(model, x, [paths[-1]], stop_after=paths[0])
     with pytest.raises(EdgekdError, match="has no module 'layer9'"):
-        FeatureTaps(model, ["layer9"])
+        run_with_taps(model, x, ["layer9"])
 
 
 def test_method_options_are_strict_and_typed():

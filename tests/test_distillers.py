@@ -8,6 +8,7 @@ import torch
 
 from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
+from edgekd.data.datamodule import load_data
 from edgekd.distill import METHODS
 from edgekd.distill.ab import ab_loss
 from edgekd.distill.at import at_loss
@@ -16,7 +17,7 @@ from edgekd.distill.dml import mutual_losses
 from edgekd.distill.features import aligned_boundaries, layer_pairs, spread
 from edgekd.distill.fitnet import hint_loss
 from edgekd.distill.fsp import fsp_loss
-from edgekd.distill.kd import kd_loss
+from edgekd.distill.losses import kd_loss
 from edgekd.distill.logit_l2 import logit_l2_loss
 from edgekd.distill.multiphase import MultiPhaseDistiller, split_epochs
 from edgekd.distill.nst import _mean_kernel, nst_loss
@@ -24,7 +25,7 @@ from edgekd.distill.rkd import rkd_angle_loss, rkd_distance_loss
 from edgekd.distill.sskd import stage_loss
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
-from edgekd.train.checkpoint import read_checkpoint
+from edgekd.train.checkpoint import load_model, read_checkpoint
 from edgekd.train.phases import build_optimizer
 from edgekd.train.trainer import TrainingInterrupted
 
@@ -387,9 +388,24 @@ def test_every_method_trains_end_to_end(method, epochs, options, tmp_path, teach
     summary = api.train(_config(tmp_path, method, method=method, teacher=teacher, epochs=epochs, method_options=options))
     lines = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == epochs and summary["method"] == method
-    assert 0.0 <= summary["test_acc"] <= 1.0
     best = read_checkpoint(Path(summary["run_dir"]) / "best.pt", kind="model")
     assert list(best["state_dict"]) == list(create_model(STUDENT, 10).state_dict())
+    # a few steps do not lift accuracy reliably above chance, so check what the run reports instead: the summary's
+    # accuracies are those of best.pt, from the final phase's best epoch, recomputed here from the file alone
+    final = [line for line in lines if line["phase"] == lines[-1]["phase"]]
+    assert summary["val_acc"] == max(line["val_acc"] for line in final)
+    model, _ = load_model(Path(summary["run_dir"]))
+    assert _accuracy(model.eval(), summary["data"], "test") == pytest.approx(summary["test_acc"], abs=1e-9)
+    assert _accuracy(model, summary["data"], "val") == pytest.approx(summary["val_acc"], abs=1e-9)
+
+
+def _accuracy(model, described: dict, split: str) -> float:
+    data = load_data(described["spec"], resolution=described["resolution"], channels=described["channels"],
+                     seed=described["seed"], limit=described["sizes"]["train"])
+    assert data.describe() == described  # the run's splits and normalisation
+    with torch.no_grad():
+        hits = [(model(x).argmax(1) == y).sum().item() for x, y in data.loader(split, 512)]
+    return sum(hits) / described["sizes"][split]
 
 
 @pytest.mark.slow

@@ -108,6 +108,7 @@ def teacher(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_search_then_replay_and_transfer_a_saved_process(tmp_path, teacher):
     searched = api.train(_config(tmp_path, "search", str(teacher), epochs=5))  # search 1, retrain 4
     run = Path(searched["run_dir"])
@@ -126,6 +127,7 @@ def test_search_then_replay_and_transfer_a_saved_process(tmp_path, teacher):
         == ["retrain", "retrain"]
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_resume_in_the_search_phase_is_exact(tmp_path, teacher):
     from edgekd.train.checkpoint import read_checkpoint
     from edgekd.train.trainer import TrainingInterrupted

@@ -98,6 +98,7 @@ def _config(tmp_path: Path, name: str, **changes) -> TrainConfig:
     return base.replace(**changes)
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_trains_with_the_meta_step_reports_the_ensemble_and_resumes(tmp_path):
     straight = api.train(_config(tmp_path, "straight"))
     assert straight["test_acc"] > 0.5 and straight["last_epoch_ensemble_test_acc"] > 0.5  # chance is 0.1

@@ -122,6 +122,7 @@ def teacher_run(tmp_path_factory):
     return str(run)
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_mld_runs_its_three_phases_draws_masks_and_resumes(tmp_path, teacher_run):
     straight = api.train(_config(tmp_path, "straight", teacher_run))
     assert (Path(straight["run_dir"]) / "masks.png").stat().st_size > 5_000
@@ -185,6 +186,7 @@ def test_bad_edits_are_one_line_errors(spec, message):
         apply_edit(model, spec)
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_mld_student_made_from_the_teacher_by_deleting_blocks(tmp_path, teacher_run):
     from edgekd.train.checkpoint import load_model
 

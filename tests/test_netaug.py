@@ -132,6 +132,7 @@ def _config(tmp_path: Path, name: str, **changes) -> TrainConfig:
     return base.replace(**changes)
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_netaug_trains_exports_a_plain_student_and_resumes(tmp_path):
     straight = api.train(_config(tmp_path, "straight"))
     assert straight["test_acc"] > 0.3  # chance is 0.1; 3 short epochs, the first two augmented

@@ -1,7 +1,6 @@
 """The profiler: MACs against an independent counter, the arena planner on graphs with known answers, memory and
 flash estimates against TFLite Micro measurements, latency calibration, Pareto selection, reports and bad input."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgekd.cli import main
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, list_models
-from edgekd.profile.estimate import estimate_graph
+from edgekd.profile.estimate import MEASUREMENTS, estimate_graph
 from edgekd.profile.graph import Graph, Op, Tensor, trace_model
 from edgekd.profile.latency import reference_errors
 from edgekd.profile.memory import Buffer, lower_bound, plan_greedy
 from edgekd.profile.select import Candidate, pareto_front, parse_sweep, select
 from edgekd.targets import list_targets, load_target
-
-MEASUREMENTS = Path(__file__).resolve().parent.parent / "profiles" / "calibration" / "tflm-measurements.jsonl"
-
 
 def run(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
@@ -170,6 +166,23 @@ def test_profile_model_writes_json_markdown_and_plot(tmp_path):
         assert "not on the device" in (tmp_path / target / "report.md").read_text()
     fp16 = json.loads((tmp_path / "jetson-nano" / "mcunet_tiny@32.json").read_text())
     assert fp16["estimate"]["weight_bytes"] == 2 * fp16["estimate"]["params"]
+
+
+def test_the_two_parameter_counts_have_two_names(tmp_path):
+    """Training prints the PyTorch parameter count; the profile and select count the deployed graph's weights."""
+    model = create_model("mobilenetv3_small_050", 10, low_res_stem=True).eval()  # the demo's student
+    graph = trace_model(model, 32)
+    duplicated = sum(op.params for op in graph.ops if op.converter_added)  # the head FC before its hard-swish
+    assert (sum(p.numel() for p in model.parameters()), graph.params, duplicated) == (409_394, 553_778, 147_968)
+    out = run("profile", "mobilenetv3_small_050@32", "--target", "cortex-m7", "--runners", "none", "--no-plot",
+              "--out", str(tmp_path))
+    assert out.exit_code == 0, out.output
+    report = (tmp_path / "cortex-m7" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert "| deployed weights |" in header and "params" not in header and "554K" in report
+    assert "Deployed weights: the weight and bias elements of the deployed graph" in report
+    out = run("select", "mobilenetv3_small_050@32", "--target", "cortex-m7")
+    assert out.exit_code == 0 and "deployed weights" in out.output and "params" not in out.output, out.output
 
 
 @pytest.mark.parametrize("args, message", [

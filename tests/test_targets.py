@@ -287,3 +287,24 @@ def test_target_is_frozen():
     with pytest.raises(AttributeError):
         t.name = "x"  # type: ignore[misc]
     assert isinstance(t, Target)
+
+
+def test_formats_precisions_and_runtime_rules_come_from_the_export_formats_table():
+    """One source of truth: edgekd/export/formats.py. Target validation and the CLI's choices are derived."""
+    from edgekd import targets
+    from edgekd.cli import export_cmd
+    from edgekd.export import formats
+
+    assert targets.FORMATS == tuple(formats.FORMATS) and targets.RUNTIMES == tuple(formats.RUNTIMES)
+    assert targets.PRECISIONS is formats.TARGET_PRECISIONS and targets.DEVICE_CLASSES is formats.DEVICE_CLASSES
+    for runtime in formats.RUNTIMES.values():
+        rules = targets._RUNTIME_RULES[runtime.name]
+        assert rules["device_class"] == runtime.device_classes and rules["export.format"] == runtime.formats
+        assert rules.get("export.precision") == runtime.precisions
+        # what a target of this runtime may default to, export accepts
+        for fmt in runtime.formats:
+            for precision in set(formats.FORMATS[fmt].precisions) & set(runtime.precisions or formats.PRECISIONS):
+                assert precision in formats.RUNTIME_FORMATS[runtime.name][fmt]
+    choices = {p.name: list(p.type.choices) for p in export_cmd.params if p.name in ("format_", "precision")}
+    assert choices == {"format_": list(formats.FORMATS), "precision": list(formats.PRECISIONS)}
+    assert formats.PRECISIONS == ("fp32", "fp16", "dynamic-range", "int8")

@@ -10,8 +10,9 @@ import torch
 from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill.kd import HintonKD, KDOptions
-from edgekd.distill.teacher_outputs import TeacherCache, TeacherOutputs, TeacherRunner, fold_batchnorm, state_fingerprint
+from edgekd.distill.teacher_outputs import TeacherCache, TeacherOutputs, TeacherRunner, state_fingerprint
 from edgekd.models import create_model
+from edgekd.models.fold import fold_batchnorm
 from edgekd.train.checkpoint import model_payload, read_checkpoint, save_atomic
 
 
@@ -25,8 +26,8 @@ def test_folded_batchnorm_teacher_agrees_with_the_original(name):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    folded, traced = fold_batchnorm(model)
+    assert traced and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
@@ -70,11 +71,11 @@ def test_replayed_augmentation_parameters_reproduce_the_student_input(digits32):
     loader.set_epoch(5)
     batch = next(loader.iterate_batches())
     raw = digits32.train.get_batch(batch.index)
-    replay = loader.normalize(loader.augment.apply(raw, loader.bank_params(batch.index, batch.variant)))
+    replay = loader.normalize(loader.augment.apply(raw, loader.bank_params(batch.index, batch.variant).crop))
     assert torch.equal(replay, batch.x)
     # a fresh loader with the same bank seed rebuilds the same bank, whatever its training seed
     other = digits32.loader("train", 32, augment=True, variants=4, bank_seed=3, seed=99)
-    again = other.normalize(other.augment.apply(raw, other.bank_params(batch.index, batch.variant)))
+    again = other.normalize(other.augment.apply(raw, other.bank_params(batch.index, batch.variant).crop))
     assert torch.equal(again, batch.x)
     # every image cycles through all its variants
     seen = torch.stack([_variants_at(loader, e) for e in range(4)])

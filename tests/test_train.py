@@ -75,6 +75,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, digits32):
     assert [e["epoch"] for e in metrics(cfg.run_dir)] == [0, 1]
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow)
 def test_micro_batches_and_ddp_agree_with_one_process(tmp_path):
     """Two gloo processes (torchrun) with batch 32 each == one process with batch 64 in two micro-batches."""
     # no dropout: one process and two processes draw different random masks; one thread on both sides, because

@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgekdError
-from .augment import CropFlip
-from .imageset import ImageSet, TensorImageSet
-from .loader import BatchLoader
+from .augment import CropFlip, Mix, RandAugment
+from .imageset import ConcatImageSet, ImageSet, LabelsReplaced, TensorImageSet
+from .loader import UNLABELED, BatchLoader
 from .sources import DEFAULT_CACHE_DIR, DEFAULT_MEMORY_BUDGET, LoadContext, SourceData, load_source
 
 SPLITS = ("train", "val", "test")
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
 STATS_SAMPLE = 4096  # images decoded for mean/std when the train split is lazy (decoding all could take hours)
 # separate random streams so e.g. changing val_fraction does not reshuffle the test split
-_STREAM_TEST, _STREAM_VAL, _STREAM_LIMIT, _STREAM_STATS = 1, 2, 3, 4
+_STREAM_TEST, _STREAM_VAL, _STREAM_LIMIT, _STREAM_STATS, _STREAM_LABELS = 1, 2, 3, 4, 5
+UNLABELED_REST = "rest"  # --unlabeled rest: the train images whose labels --labels-per-class withheld
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class DataModule:
     split_indices: dict[str, torch.Tensor] = field(default_factory=dict)
     split_origin: dict[str, str] = field(default_factory=dict)  # e.g. {"val": "train", "test": "test"}
     lazy: bool = False  # images decoded from files per batch (imagefolder above the memory budget)
+    # images used without labels (label UNLABELED): from --unlabeled, at this resolution and stored channels
+    unlabeled: ImageSet | None = None
+    labels_per_class: float | None = None  # what kept only part of the train labels (None: all kept)
+    unlabeled_spec: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable image files left out (imagefolder)
 
     def split(self, name: str) -> ImageSet:
         if name not in SPLITS:
@@ -69,12 +75,23 @@ class DataModule:
         drop_last: bool = False,
         variants: int = 0,
         bank_seed: int = 0,
+        randaug: RandAugment | None = None,
+        mix: Mix | None = None,
+        with_unlabeled: bool = False,
+        resolution: int | None = None,
+        teacher_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> BatchLoader:
         """Shuffle and augment default to on for "train" and off otherwise.
 
         Under DDP pass drop_last=True for training: otherwise the last global batch can leave a rank with
-        a smaller (even empty) shard."""
+        a smaller (even empty) shard. `with_unlabeled` appends the unlabeled images to the train split (label
+        UNLABELED). `resolution`, `mean`/`std` and `teacher_norm` serve another module's model from these images:
+        the student's view resized to its resolution and normalisation, the teacher's view as stored."""
         images = self.split(split)
+        if with_unlabeled and split == "train" and self.unlabeled is not None:
+            images = ConcatImageSet([images, self.unlabeled])
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         is_train = split == "train"
@@ -82,8 +99,8 @@ class DataModule:
         return BatchLoader(
             images,
             batch_size,
-            mean=self.mean,
-            std=self.std,
+            mean=self.mean if mean is None else mean,
+            std=self.std if std is None else std,
             channels=self.channels,
             shuffle=is_train if shuffle is None else shuffle,
             augment=self.augment if use_augment else None,
@@ -93,6 +110,10 @@ class DataModule:
             world_size=world_size,
             variants=variants,
             bank_seed=bank_seed,
+            randaug=randaug,
+            mix=mix,
+            resolution=resolution,
+            teacher_norm=teacher_norm,
         )
 
     def describe(self) -> dict:
@@ -111,6 +132,9 @@ class DataModule:
             "std": [round(s, 6) for s in self.std],
             "augment": None if self.augment is None else {"pad": self.augment.pad, "hflip": self.augment.hflip},
             "storage": "lazy" if self.lazy else "memory",
+            **({"labels_per_class": self.labels_per_class} if self.labels_per_class is not None else {}),
+            **({"unlabeled": {"spec": self.unlabeled_spec, "images": len(self.unlabeled)}}
+               if self.unlabeled is not None else {}),
         }
 
 
@@ -241,16 +265,25 @@ def load_data(
     limit: int | None = None,
     root: Path | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    labels_per_class: float | None = None,
+    unlabeled: str | None = None,
+    strict: bool = False,
 ) -> DataModule:
     """Load `spec` (see edgekd.data.sources) into a DataModule.
 
     val is carved from train (stratified); sources without a test split get a stratified test split first
     (test_fraction of all images). `limit` caps the train split (stratified), leaving val/test as they are so
     quick runs are scored on the same images as full ones. `root` is where downloads are cached
-    (default ~/.cache/edgekd). `memory_budget` (bytes) decides in-memory vs lazy for imagefolder.
+    (default $EDGEKD_CACHE_DIR, else ~/.cache/edgekd). `memory_budget` (bytes) decides in-memory vs lazy for imagefolder.
+    `labels_per_class` (N >= 1 images per class, or a fraction < 1 of the train split, stratified) keeps only
+    those labels; `unlabeled` adds images without labels: another source's train split (its labels ignored),
+    or "rest" for the train images whose labels were withheld. Image files that cannot be decoded are left
+    out and listed in `skipped` (at most sources.MAX_UNREADABLE_FRACTION of them); `strict` makes one an error.
     """
     _validate(resolution, channels, val_fraction, test_fraction, limit)
-    ctx = LoadContext(resolution, channels, memory_budget, Path(root) if root is not None else DEFAULT_CACHE_DIR)
+    _validate_label_options(labels_per_class, unlabeled)
+    ctx = LoadContext(resolution, channels, memory_budget, Path(root) if root is not None else DEFAULT_CACHE_DIR,
+                      strict=strict)
     source: SourceData = load_source(spec, ctx)
     num_classes = len(source.class_names)
     for s, part in source.splits.items():
@@ -286,6 +319,9 @@ def load_data(
     if limit is not None and limit < len(train_idx):
         _, pick = stratified_pick(train_all.labels[train_idx], limit, _generator(seed, _STREAM_LIMIT))
         train_idx = train_idx[pick]
+    withheld = None
+    if labels_per_class is not None:
+        train_idx, withheld = _keep_labels(train_all.labels, train_idx, labels_per_class, seed)
     indices["train"], origin["train"] = train_idx, "train"
     train = train_all if len(train_idx) == len(train_all) else train_all.subset(train_idx)
 
@@ -305,6 +341,17 @@ def load_data(
     if min(std) == 0.0:
         raise EdgekdError(f"the train split of {spec} has constant pixels (std 0); the images are blank or corrupt")
 
+    unlabeled_set = None
+    if unlabeled == UNLABELED_REST:
+        if withheld is None or len(withheld) == 0:
+            raise EdgekdError("--unlabeled rest uses the train images whose labels --labels-per-class withheld; "
+                              "there are none: pass --labels-per-class N")
+        rest = train_all.subset(withheld)
+        unlabeled_set = LabelsReplaced(rest, torch.full((len(rest),), UNLABELED))
+    elif unlabeled is not None:
+        stored_channels = train.images.shape[1] if isinstance(train, TensorImageSet) else None
+        unlabeled_set = _load_unlabeled(unlabeled, ctx, stored_channels)
+
     return DataModule(
         info=DatasetInfo(source.name, num_classes, tuple(source.class_names), source.channels),
         train=train,
@@ -320,4 +367,57 @@ def load_data(
         split_indices=indices,
         split_origin=origin,
         lazy=lazy,
+        unlabeled=unlabeled_set,
+        labels_per_class=labels_per_class,
+        unlabeled_spec=unlabeled,
+        skipped=source.skipped,
     )
+
+
+def _validate_label_options(labels_per_class: float | None, unlabeled: str | None) -> None:
+    if labels_per_class is not None:
+        if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, float)) or labels_per_class <= 0:
+            raise EdgekdError(f"labels_per_class must be a count >= 1 or a fraction in (0, 1), got {labels_per_class!r}")
+        if labels_per_class >= 1 and labels_per_class != int(labels_per_class):
+            raise EdgekdError(f"labels_per_class {labels_per_class} is neither a whole count nor a fraction below 1")
+    if unlabeled is not None and not str(unlabeled).strip():
+        raise EdgekdError("--unlabeled is empty: pass a data source (e.g. imagefolder:PATH) or 'rest'")
+
+
+def _keep_labels(labels: torch.Tensor, train_idx: torch.Tensor, per_class: float,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, withheld) train indices: N per class (every class keeps min(N, its count)) or a stratified fraction."""
+    generator = _generator(seed, _STREAM_LABELS)
+    sub = labels[train_idx]
+    if per_class < 1:
+        rest, keep = stratified_pick(sub, _count(per_class, len(sub)), generator)
+        if len(keep) == 0:
+            raise EdgekdError(f"labels_per_class {per_class} keeps no label of {len(sub)} train images: raise it")
+        return train_idx[keep], train_idx[rest]
+    perm = torch.randperm(len(sub), generator=generator)
+    keep = torch.zeros(len(sub), dtype=torch.bool)
+    for c in torch.unique(sub):
+        members = perm[sub[perm] == c]
+        keep[members[: int(per_class)]] = True
+    return train_idx[keep], train_idx[~keep]
+
+
+def _load_unlabeled(spec: str, ctx: LoadContext, stored_channels: int | None) -> ImageSet:
+    """Another source's train split as unlabeled images, converted to the labelled images' stored channels."""
+    try:
+        source = load_source(spec, ctx)
+    except EdgekdError as e:
+        raise EdgekdError(f"--unlabeled {spec}: {e}") from None
+    images = source.splits["train"].images
+    if not isinstance(images, torch.Tensor) or stored_channels is None:
+        raise EdgekdError(f"--unlabeled {spec}: unlabeled images must fit in memory beside labelled in-memory data; "
+                          "use a smaller folder (or fewer images)")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise EdgekdError(f"--unlabeled {spec}: images with {images.shape[1] if images.ndim == 4 else '?'} channels "
+                          "cannot be converted; use grey (1) or RGB (3) images")
+    if stored_channels == 1 and images.shape[1] == 3:
+        images = rgb_to_grey(images)
+    elif stored_channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    images = resize_uint8(images, ctx.resolution)
+    return TensorImageSet(images, torch.full((len(images),), UNLABELED, dtype=torch.int64))

@@ -40,3 +40,45 @@ class TensorImageSet:
 
     def subset(self, indices: torch.Tensor) -> "TensorImageSet":
         return TensorImageSet(self.images[indices], self.labels[indices])
+
+
+class LabelsReplaced:
+    """An image set whose labels are replaced (e.g. all UNLABELED), images served by the wrapped set."""
+
+    def __init__(self, base: ImageSet, labels: torch.Tensor):
+        if len(labels) != len(base):
+            raise ValueError("labels and images differ in length")
+        self.base = base
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.base.get_batch(indices)
+
+
+class ConcatImageSet:
+    """Several image sets (same resolution and channels) as one: index i of part k is offset_k + i."""
+
+    def __init__(self, parts: list[ImageSet]):
+        self.parts = [p for p in parts if len(p)]
+        self.labels = torch.cat([p.labels for p in self.parts])
+        self.offsets = [0]
+        for part in self.parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        out = None
+        for part, start, end in zip(self.parts, self.offsets, self.offsets[1:]):
+            inside = (indices >= start) & (indices < end)
+            if not bool(inside.any()):
+                continue
+            images = part.get_batch(indices[inside] - start)
+            if out is None:
+                out = images.new_empty((len(indices), *images.shape[1:]))
+            out[inside] = images
+        return out

@@ -22,10 +22,13 @@ import torch
 
 from ..errors import EdgekdError
 from ..registry import Registry
+from ..resources import DEFAULT_CACHE_DIR
 from .imageset import ImageSet
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of decoded uint8 pixels imagefolder may hold in memory
-DEFAULT_CACHE_DIR = Path("~/.cache/edgekd")
+# imagefolder skips files it cannot decode (a truncated download, a stray header) unless strict; above this
+# fraction of the folder's images the folder itself is suspect (a partial copy, a wrong format) and loading stops
+MAX_UNREADABLE_FRACTION = 0.10
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -55,6 +58,7 @@ class SourceData:
     hflip: bool  # whether horizontal flips are label-preserving for this kind of data
     # "train" always; "test" (and "val") only when the source defines them
     splits: dict[str, SourceSplit] = field(default_factory=dict)
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of image files that could not be decoded
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class LoadContext:
     channels: int
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     cache_dir: Path = DEFAULT_CACHE_DIR
+    strict: bool = False  # an undecodable image file is an error instead of being skipped
 
 
 SourceFn = Callable[["Path | None", LoadContext], SourceData]
@@ -398,6 +403,14 @@ def load_cifar100(path: Path | None, ctx: LoadContext) -> SourceData:
 
 # ---------------------------------------------------------------- image folders
 
+class UnreadableImage(EdgekdError):
+    """An image file that cannot be decoded; imagefolder skips these unless strict."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason}; remove or replace the file")
+        self.path, self.reason = path, reason
+
+
 def decode_image(path: str, resolution: int, mode: str = "RGB") -> np.ndarray:
     """Decode one file to a (resolution, resolution[, 3]) uint8 array: centre square crop, antialiased resize.
 
@@ -414,7 +427,7 @@ def decode_image(path: str, resolution: int, mode: str = "RGB") -> np.ndarray:
             out = im.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
             return np.array(out, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise EdgekdError(f"cannot decode image {path}: {_one_line(e)}; remove or replace the file") from None
+        raise UnreadableImage(path, _one_line(e)) from None
 
 
 def _worker_count() -> int:
@@ -425,14 +438,23 @@ def _worker_count() -> int:
     return max(1, min(8, cpus))
 
 
-def _decode_into(out: torch.Tensor, paths: list[str], resolution: int, mode: str, pool: ThreadPoolExecutor) -> None:
-    def one(i: int) -> None:
-        arr = decode_image(paths[i], resolution, mode)
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1) if arr.ndim == 3 else torch.from_numpy(arr)[None]
+def _decode_into(out: torch.Tensor | None, paths: list[str], resolution: int, mode: str, pool: ThreadPoolExecutor,
+                 skip: bool = False) -> list[tuple[int, UnreadableImage]]:
+    """Decodes paths[i] into out[i] (out None: only checks that each file decodes). An undecodable file raises
+    UnreadableImage, or with `skip` is returned as (index, error) and leaves its row of `out` unset."""
+    def one(i: int) -> UnreadableImage | None:
+        try:
+            arr = decode_image(paths[i], resolution, mode)
+        except UnreadableImage as e:
+            if not skip:
+                raise
+            return e
+        if out is not None:
+            out[i] = torch.from_numpy(arr).permute(2, 0, 1) if arr.ndim == 3 else torch.from_numpy(arr)[None]
+        return None
 
     # PIL releases the GIL while decoding and resizing, so threads use all cores
-    for _ in pool.map(one, range(len(paths))):
-        pass
+    return [(i, e) for i, e in enumerate(pool.map(one, range(len(paths)))) if e is not None]
 
 
 class LazyImageSet:
@@ -543,17 +565,41 @@ def load_imagefolder(path: Path | None, ctx: LoadContext) -> SourceData:
     mode = "L" if ctx.channels == 1 else "RGB"
     channels = 1 if mode == "L" else 3
     total = sum(len(p) for p, _ in lists.values())
-    decoded_bytes = total * channels * ctx.resolution ** 2
+    in_memory = total * channels * ctx.resolution ** 2 <= ctx.memory_budget
     splits: dict[str, SourceSplit] = {}
-    if decoded_bytes <= ctx.memory_budget:
-        with ThreadPoolExecutor(_worker_count(), thread_name_prefix="edgekd-decode") as pool:
-            for s, (paths, labels) in lists.items():
-                out = torch.empty((len(paths), channels, ctx.resolution, ctx.resolution), dtype=torch.uint8)
-                _decode_into(out, paths, ctx.resolution, mode, pool)
-                splits[s] = SourceSplit(out, torch.tensor(labels, dtype=torch.int64))
-    else:
+    skipped: list[tuple[str, str]] = []
+    # every file is decoded once here, also for a lazy set (which then decodes again per batch), so that an
+    # unreadable file is found before training rather than in the middle of it
+    with ThreadPoolExecutor(_worker_count(), thread_name_prefix="edgekd-decode") as pool:
         for s, (paths, labels) in lists.items():
+            out = torch.empty((len(paths), channels, ctx.resolution, ctx.resolution), dtype=torch.uint8) \
+                if in_memory else None
+            failed = _decode_into(out, paths, ctx.resolution, mode, pool, skip=not ctx.strict)
+            skipped += [(e.path, e.reason) for _, e in failed]
             lt = torch.tensor(labels, dtype=torch.int64)
-            splits[s] = SourceSplit(LazyImageSet(paths, lt, ctx.resolution, mode), lt)
+            if failed:
+                keep = torch.ones(len(paths), dtype=torch.bool)
+                keep[[i for i, _ in failed]] = False
+                out, lt = (out[keep] if out is not None else None), lt[keep]
+                paths = [p for p, k in zip(paths, keep.tolist()) if k]
+            images = out if out is not None else LazyImageSet(paths, lt, ctx.resolution, mode)
+            splits[s] = SourceSplit(images, lt)
+    if skipped:
+        _check_skipped(root, skipped, total, splits["train"].labels, classes)
     # the source is RGB; with channels=1 it was decoded straight to grey (PIL "L") so both modes agree
-    return SourceData("imagefolder", tuple(classes), 3, hflip=True, splits=splits)
+    return SourceData("imagefolder", tuple(classes), 3, hflip=True, splits=splits, skipped=tuple(skipped))
+
+
+def _check_skipped(root: Path, skipped: list[tuple[str, str]], total: int, train_labels: torch.Tensor,
+                   classes: list[str]) -> None:
+    """Skipping is for a few bad files: too many, or a train class left without images, stop the load."""
+    path, reason = skipped[0]
+    if len(skipped) > MAX_UNREADABLE_FRACTION * total:
+        raise EdgekdError(
+            f"{len(skipped)} of {total} images under {root} cannot be decoded (more than "
+            f"{MAX_UNREADABLE_FRACTION:.0%}; first: {path}: {reason}); check the folder's files and format"
+        )
+    empty = sorted(set(range(len(classes))) - set(train_labels.tolist()))
+    if empty:
+        raise EdgekdError(f"class '{classes[empty[0]]}' under {root} has no readable training images "
+                          f"({len(skipped)} unreadable files, first: {path}); add images or remove the folder")

@@ -2,15 +2,19 @@
 from ..registry import Registry
 from .ab import ActivationBoundaries
 from .at import AttentionTransfer
-from .base import DistillOutput, Distiller, FeatureTaps, MethodOptions, freeze
+from .base import DistillOutput, Distiller, MethodOptions, freeze
 from .byot import BeYourOwnTeacher
 from .ce import CrossEntropy
 from .distpro import DistPro
+from .dist import DIST
+from .dkd import DecoupledKD
 from .dml import DeepMutualLearning
 from .fitnet import FitNet
+from .fm import FunctionMatching
 from .fsp import FSP
-from .kd import HintonKD, kd_loss
+from .kd import HintonKD
 from .logit_l2 import LogitL2
+from .losses import kd_loss
 from .metadistiller import MetaDistiller
 from .mld import MaskedLayerDistillation
 from .netaug import NetAug, NetAugKD
@@ -19,10 +23,10 @@ from .rkd import RelationalKD
 from .sskd import SSKDMultiLoss, StageByStageKD
 
 METHODS: Registry[type[Distiller]] = Registry("method", "`edgekd methods` lists them")
-for _method in (CrossEntropy, HintonKD, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
+for _method in (CrossEntropy, HintonKD, FunctionMatching, DecoupledKD, DIST, LogitL2, FitNet, AttentionTransfer, NeuronSelectivityTransfer,
                 ActivationBoundaries, FSP, RelationalKD, DeepMutualLearning, BeYourOwnTeacher, StageByStageKD,
                 SSKDMultiLoss, NetAug, NetAugKD, MetaDistiller,
                 MaskedLayerDistillation, DistPro):
     METHODS.register(_method.name, _method)
 
-__all__ = ["METHODS", "DistillOutput", "Distiller", "FeatureTaps", "MethodOptions", "freeze", "kd_loss"]
+__all__ = ["METHODS", "DistillOutput", "Distiller", "MethodOptions", "freeze", "kd_loss"]

@@ -2,17 +2,20 @@
 
 A Distiller wraps a student and (optionally) a teacher. `forward(x, y)` returns the training loss, the student
 logits and the named loss terms. The teacher is frozen and stays in eval mode whatever `train()` is called
-with; features are tapped with forward hooks by module path, so zoo models are never edited.
+with; features are tapped with forward hooks by module path (features.run_with_taps), so zoo models are
+never edited.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from .features import run_with_taps
+from .phase import Phase
 
 
 @dataclass
@@ -21,43 +24,6 @@ class DistillOutput:
     logits: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None  # the labels of `logits`' rows when the loss used only part of the batch
-
-
-class FeatureTaps:
-    """Collects the outputs of modules given by path (as in `named_modules()`) on every forward."""
-
-    def __init__(self, model: nn.Module, paths: list[str]):
-        modules = dict(model.named_modules())
-        missing = [p for p in paths if p not in modules]
-        if missing:
-            known = [info.module for info in getattr(model, "feature_info", [])]
-            raise EdgekdError(
-                f"{type(model).__name__} has no module '{missing[0]}' to tap"
-                f" (stage tap points: {', '.join(known) or 'see model.named_modules()'})"
-            )
-        self.paths = list(paths)
-        self.features: dict[str, torch.Tensor] = {}
-        self._handles = [modules[p].register_forward_hook(self._hook(p)) for p in paths]
-
-    def _hook(self, path: str):
-        def store(_module, _inputs, output):
-            self.features[path] = output
-
-        return store
-
-    def pop(self) -> list[torch.Tensor]:
-        """Features of the last forward in `paths` order; clears them so stale tensors are never reused."""
-        try:
-            out = [self.features[p] for p in self.paths]
-        except KeyError as e:
-            raise RuntimeError(f"tap '{e.args[0]}' did not fire during the forward pass") from None
-        self.features = {}
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -120,6 +86,9 @@ class Distiller(nn.Module):
     teacher_taps: tuple[str, ...] = ()
     # True when forward(x, y, index=...) and after_step(..., index=...) need each image's dataset index
     wants_index: ClassVar[bool] = False
+    # True when forward(x, y, ..., mix=(y_partner, lam)) handles mixup/cutmix batches and its label term skips
+    # unlabeled images (label -1, see distill/labels.py): the method can take --mixup/--cutmix and --unlabeled
+    handles_mixed_labels: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, options: MethodOptions):
         super().__init__()
@@ -146,8 +115,6 @@ class Distiller(nn.Module):
         """(logits, features at `teacher_taps`): the trainer's cached ones when given, else a live forward."""
         if teacher_out is not None:
             return teacher_out
-        from .features import run_with_taps  # features imports kd, which imports this module
-
         with torch.no_grad():
             return run_with_taps(self.teacher, x, self.teacher_taps)
 
@@ -177,8 +144,6 @@ class Distiller(nn.Module):
 
     def phases(self, epochs: int, optim) -> list:
         """The training phases of this method; single-phase methods train student + extras together."""
-        from ..train.phases import Phase
-
         return [Phase(self.name, epochs, self, self.trainable_parameters(), optim)]
 
     def student_for_export(self) -> nn.Module:
@@ -201,8 +166,3 @@ class Distiller(nn.Module):
                        steps_per_epoch: int = 0) -> None:
         """Called by the trainer before each epoch of a phase (also the epoch a resumed run continues); for
         methods with epoch-level schedules. Must act the same on every DDP rank."""
-
-    def named_extra_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        for name, module in self.named_children():
-            if name not in {"student", "teacher"}:
-                yield name, module

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller, MethodOptions
 from .features import parse_layers, probe, resize, run_with_taps, spread, stage_boundaries
-from .kd import kd_loss
+from .losses import kd_loss
 
 
 @dataclass(frozen=True)

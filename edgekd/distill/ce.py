@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from .base import DistillOutput, Distiller, MethodOptions
+from .labels import label_loss
 
 
 @dataclass(frozen=True)
@@ -18,8 +17,9 @@ class CrossEntropy(Distiller):
     description = "cross-entropy on the labels only (training from scratch, no teacher)"
     requires_teacher = False
     Options = CEOptions
+    handles_mixed_labels = True
 
-    def forward(self, x, y):
+    def forward(self, x, y, mix=None):
         logits = self.student(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)
+        loss = label_loss(logits, y, mix, self.options.label_smoothing)
         return DistillOutput(loss, logits, {"ce": loss.detach()})

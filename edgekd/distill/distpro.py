@@ -269,7 +269,7 @@ class DistPro(MultiPhaseDistiller):
         lr = optimizer.param_groups[0]["lr"]
         with torch.autocast(x.device.type, enabled=False):
             grad = self.alpha_gradient(x[~val].float(), y[~val], x[val].float(), y[val], lr)
-        from ..train.distributed import average_gradients
+        from ..distributed import average_gradients
 
         average_gradients([grad])
         self.alpha_optimizer.zero_grad(set_to_none=True)

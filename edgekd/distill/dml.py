@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller, MethodOptions
-from .kd import kd_loss
+from .losses import kd_loss
 
 
 @dataclass(frozen=True)

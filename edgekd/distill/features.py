@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgekdError
-from .kd import kd_loss
+from .losses import kd_loss
 
 Tap = tuple[str, str]  # (module path, "output" | "input")
 
@@ -50,7 +50,7 @@ def modules_at(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
     return [modules[p] for p in paths]
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed has been computed."""
 
 
@@ -75,7 +75,7 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap | str],
         return hook
 
     def stop(_m, _inp, _out):
-        raise _Stop
+        raise StopForward
 
     try:
         for i, ((_, kind), module) in enumerate(zip(taps, modules)):
@@ -89,7 +89,7 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap | str],
             handles.append(modules[-1].register_forward_hook(stop))  # after the taps' hooks on that module
         try:
             out = model(x)
-        except _Stop:
+        except StopForward:
             out = None
     finally:
         for h in handles:

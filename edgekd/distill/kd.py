@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from .base import DistillOutput, Distiller, MethodOptions
+from .labels import label_loss
+from .losses import kd_loss, standardize_logits  # noqa: F401  (standardize_logits: imported from here by dkd)
 
 
 @dataclass(frozen=True)
@@ -19,6 +18,10 @@ class KDOptions(MethodOptions):
     temperature: float = 4.0
     alpha: float = 0.9
     label_smoothing: float = 0.0
+    # Sun et al. 2024: z-score both logit vectors before the softened KL (their setting: temperature 2,
+    # KL weight 9, CE 0.1, i.e. alpha 0.9 with soft_weight 10)
+    standardize: bool = False
+    soft_weight: float = 1.0  # multiplies the KL term on top of alpha
 
     def __post_init__(self):
         from ..errors import EdgekdError
@@ -27,14 +30,8 @@ class KDOptions(MethodOptions):
             raise EdgekdError(f"kd temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise EdgekdError(f"kd alpha must be in [0, 1], got {self.alpha}")
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2-scaled KL divergence between softened teacher and student distributions, mean over the batch."""
-    t = temperature
-    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+        if self.soft_weight <= 0:
+            raise EdgekdError(f"kd soft_weight must be > 0, got {self.soft_weight}")
 
 
 class HintonKD(Distiller):
@@ -42,12 +39,14 @@ class HintonKD(Distiller):
     description = "Hinton knowledge distillation: softened teacher logits (KL, temperature T) + label CE"
     Options = KDOptions
     teacher_logits_only = True
+    handles_mixed_labels = True
 
-    def forward(self, x, y, teacher_logits=None):
+    def forward(self, x, y, teacher_logits=None, mix=None):
         if teacher_logits is None:
             teacher_logits = self.teacher_logits(x)
         logits = self.student(x)
-        soft = kd_loss(logits, teacher_logits, self.options.temperature)
-        hard = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)
-        loss = self.options.alpha * soft + (1.0 - self.options.alpha) * hard
+        o = self.options
+        soft = kd_loss(logits, teacher_logits, o.temperature, o.standardize)
+        hard = label_loss(logits, y, mix, o.label_smoothing)
+        loss = o.alpha * o.soft_weight * soft + (1.0 - o.alpha) * hard
         return DistillOutput(loss, logits, {"kd": soft.detach(), "ce": hard.detach()})

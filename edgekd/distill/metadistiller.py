@@ -35,7 +35,7 @@ from .base import DistillOutput, Distiller, MethodOptions
 from .byot import Exit
 from .features import (functional_run_with_taps, parse_layers, probe, resize, run_with_taps, spread,
                        stage_boundaries)
-from .kd import kd_loss
+from .losses import kd_loss
 
 MODES = ("meta", "self", "deep")
 
@@ -160,7 +160,7 @@ class MetaDistiller(Distiller):
         lr = optimizer.param_groups[0]["lr"]
         with torch.autocast(x.device.type, enabled=False):
             meta_loss, grads = self.meta_gradient(x.float(), y, lr)
-        from ..train.distributed import average_gradients
+        from ..distributed import average_gradients
 
         average_gradients(grads)
         self.generator_optimizer.zero_grad(set_to_none=True)

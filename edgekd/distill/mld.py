@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgekdError
-from .features import aligned_boundaries, modules_at, parse_layers, resize, run_with_taps, spread
-from .kd import kd_loss
+from .features import StopForward, aligned_boundaries, modules_at, parse_layers, resize, run_with_taps, spread
+from .losses import kd_loss
 from .base import DistillOutput, MethodOptions
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
 
@@ -66,10 +66,6 @@ def masked_l1(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) 
     """mean |(1 - ReLU(M)) * (x_t - x_s)| (Eq. 6 for one breakpoint, averaged over batch and elements); M is also
     capped at 1, so a mask value above 1 cannot turn into a negative weight that rewards moving away."""
     return ((1 - mask.clamp(0.0, 1.0)) * (teacher.float() - student.float())).abs().mean()
-
-
-class _Stop(Exception):
-    pass
 
 
 class MaskedLayerDistillation(MultiPhaseDistiller):
@@ -143,14 +139,14 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
             def replace(_m, _inp, out):
                 outputs[i] = out
                 if i == len(modules) - 1:
-                    raise _Stop
+                    raise StopForward
                 return resize(self.to_student[i](teacher_feats[i]), self._s_shapes[i][1:])
             return replace
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
         try:
             self.student(x)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for h in handles:

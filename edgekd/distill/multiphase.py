@@ -1,4 +1,5 @@
-"""Support for methods whose training is a sequence of phases with different losses (FitNets, AB, FSP, SSKD).
+"""Support for methods whose training is a sequence of phases with different losses (FitNets, AB, FSP, SSKD,
+MLD, DistPro).
 
 The trainer runs each Phase's distiller. A multi-phase method hands it a `PhaseView` per phase: a Distiller
 that shares (not copies) the method's student, teacher and extra modules, computes that phase's loss, and
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller
+from .phase import Phase
 
 
 def split_epochs(method: str, total: int, plan: Sequence[tuple[str, int, float]]) -> list[int]:
@@ -174,8 +176,6 @@ class MultiPhaseDistiller(Distiller):
         return {}
 
     def phases(self, epochs: int, optim) -> list:
-        from ..train.phases import Phase
-
         return [Phase(name, n, PhaseView(self, name, trainable), trainable, optim, evaluate=evaluate)
                 for (name, trainable, evaluate), n in zip(self.phase_parts(), self.phase_epochs(epochs)) if n > 0]
 

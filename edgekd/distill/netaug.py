@@ -40,7 +40,7 @@ from torch.func import functional_call
 from ..errors import EdgekdError
 from ..models.layers import make_divisible
 from .base import DistillOutput, Distiller, MethodOptions
-from .kd import kd_loss
+from .losses import kd_loss
 
 
 def _floats(text) -> tuple[float, ...]:

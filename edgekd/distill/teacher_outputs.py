@@ -26,25 +26,22 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..models.fold import fold_batchnorm
+from ..resources import DEFAULT_CACHE_DIR
 from .features import run_with_taps
 
 log = logging.getLogger("edgekd.teacher")
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path(os.environ.get("EDGEKD_CACHE_DIR", Path.home() / ".cache" / "edgekd")) / "teacher-outputs"
+TEACHER_CACHE_DIR = DEFAULT_CACHE_DIR / "teacher-outputs"  # disk caches, unless teacher_cache_dir says otherwise
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every Conv2d -> BatchNorm2d pair folded into the convolution."""
-    from torch.fx.experimental.optimization import fuse
-
-    model = copy.deepcopy(model).eval()
-    try:
-        return fuse(model)
-    except Exception as e:  # data-dependent control flow cannot be traced
-        raise EdgekdError(
-            f"cannot fold BatchNorm of {type(model).__name__} ({type(e).__name__}): set teacher_fold_bn: false"
-        ) from None
+def _folded(teacher: nn.Module) -> nn.Module:
+    model, folded = fold_batchnorm(teacher)
+    if not folded:
+        raise EdgekdError(f"cannot fold BatchNorm of {type(teacher).__name__} (torch.fx cannot trace it): "
+                          "set teacher_fold_bn: false")
+    return model
 
 
 class TeacherRunner:
@@ -65,7 +62,7 @@ class TeacherRunner:
         fold_bn, compile = fold_bn and not self.taps, compile and not self.taps
         self.settings = {"fold_bn": fold_bn, "autocast": autocast, "compile": compile,
                          **({"taps": list(self.taps)} if self.taps else {})}
-        model = fold_batchnorm(teacher) if fold_bn else copy.deepcopy(teacher).eval()
+        model = _folded(teacher) if fold_bn else copy.deepcopy(teacher).eval()
         # channels_last measured 1.9x faster for a ResNet-18 teacher on this project's x86 CPU too (docs/benchmarks.md)
         self.channels_last = True if channels_last is None else channels_last
         model = model.to(device)
@@ -108,6 +105,12 @@ def state_fingerprint(model: nn.Module) -> str:
 def images_fingerprint(images) -> str:
     """Hash of the training images' pixels and labels (in-memory sets) or their file list (lazy sets)."""
     digest = hashlib.sha256()
+    parts = getattr(images, "parts", None)  # ConcatImageSet, LabelsReplaced: hash what they serve
+    if parts is not None or hasattr(images, "base"):
+        for part in parts if parts is not None else [images.base]:
+            digest.update(images_fingerprint(part).encode())
+        digest.update(images.labels.numpy().tobytes())
+        return digest.hexdigest()
     tensor = getattr(images, "images", None)
     if tensor is not None:
         digest.update(tensor.contiguous().numpy().tobytes())
@@ -215,15 +218,17 @@ class TeacherOutputs:
         if cache is not None and runner.taps and row_shapes is None:
             raise ValueError("caching teacher features needs their row_shapes")
 
-    def logits(self, x: torch.Tensor, index: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
+    def logits(self, x, index: torch.Tensor, variant: torch.Tensor) -> torch.Tensor:
         return self.with_features(x, index, variant)[0]
 
-    def with_features(self, x: torch.Tensor, index: torch.Tensor,
+    def with_features(self, x, index: torch.Tensor,
                       variant: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`x`: the teacher's input batch, or a function that makes it (called only if the teacher runs)."""
         if self.cache is None:
-            return self.runner.outputs(x)
+            return self.runner.outputs(x() if callable(x) else x)
         hit, rows = self.cache.lookup(index, variant)
         if not bool(hit.all()):
+            x = x() if callable(x) else x
             miss = ~hit
             logits, feats = self.runner.outputs(x[miss.to(x.device)])
             fresh = torch.cat([t.cpu().flatten(1) for t in (logits, *feats)], 1)

@@ -3,15 +3,21 @@
 A row says what the format produces (suffix), which precisions and options it accepts, which Python modules
 it needs (all from the `export` extra) and which converter builds it. Everything the user can get wrong about
 format/precision/target is checked here, before a model or a dataset is loaded.
+
+This module is the one source of truth for formats, precisions and runtimes: target validation
+(edgekd/targets.py) and the CLI's --format/--precision choices are derived from it. It imports nothing heavy
+(edgekd.export's __init__ imports nothing), so both can use it at import time.
 """
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import EdgekdError
-from ..targets import Target
+
+if TYPE_CHECKING:
+    from ..targets import Target
 
 EXTRA = "export"
 INSTALL_HINT = f"pip install 'edgekd[{EXTRA}]'"
@@ -49,12 +55,37 @@ FORMATS: dict[str, Format] = {
     )
 }
 
-# what each target runtime consumes (the targets' own rules say the same for their defaults)
-RUNTIME_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
-    "tflite-micro": {"tflite": ("int8",)},
-    "tflite": {"tflite": FORMATS["tflite"].precisions},
-    "tensorrt": {"tensorrt": FORMATS["tensorrt"].precisions, "onnx": FORMATS["onnx"].precisions},
+# every precision some format exports at, in this order (the CLI's --precision choices)
+PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
+# what a target deploys at (the profiler models these); dynamic-range is an export-only choice
+TARGET_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+DEVICE_CLASSES: tuple[str, ...] = ("mcu", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    device_classes: tuple[str, ...]  # the kinds of processor it runs on
+    formats: tuple[str, ...]  # the export formats it consumes
+    precisions: tuple[str, ...] | None = None  # None: every precision of those formats
+
+    def consumes(self) -> dict[str, tuple[str, ...]]:
+        """{format: precisions} this runtime can run."""
+        return {f: tuple(p for p in FORMATS[f].precisions if self.precisions is None or p in self.precisions)
+                for f in self.formats}
+
+
+# What each runtime can actually consume. TFLite Micro only runs on MCUs and we only ship full-int8 models
+# there; TensorRT only runs on NVIDIA GPUs and builds its engine from ONNX (or loads a prebuilt engine).
+RUNTIMES: dict[str, Runtime] = {
+    r.name: r
+    for r in (
+        Runtime("tensorrt", ("gpu",), ("tensorrt", "onnx")),
+        Runtime("tflite", ("cpu", "gpu"), ("tflite",)),
+        Runtime("tflite-micro", ("mcu",), ("tflite",), ("int8",)),
+    )
 }
+RUNTIME_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {name: r.consumes() for name, r in RUNTIMES.items()}
 
 
 @dataclass(frozen=True)

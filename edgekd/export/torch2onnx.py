@@ -5,7 +5,6 @@ is fixed here: NCHW float32, the run's resolution and channels, normalised with 
 """
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections import Counter
@@ -15,21 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..models.fold import fold_batchnorm
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
-    """An eval copy with Conv2d->BatchNorm2d pairs folded; (copy, folded?). Untraceable models fall back to
-    the plain copy, whose BatchNorm onnxsim folds into the convolutions anyway."""
-    from torch.fx.experimental.optimization import fuse
-
-    model = copy.deepcopy(model).eval()
-    try:
-        return fuse(model), True
-    except Exception:  # data-dependent control flow cannot be traced by torch.fx
-        return model, False
 
 
 def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int, dynamic_batch: bool = False) -> dict:
@@ -38,6 +26,7 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int,
     import onnxsim
 
     path = Path(path)
+    # an untraceable model is exported unfolded: onnxsim folds its BatchNorm into the convolutions anyway
     folded, traced = fold_batchnorm(model)
     example = torch.zeros(1, channels, resolution, resolution)
     started = time.perf_counter()

@@ -9,13 +9,21 @@ Everything here is chosen to export cleanly to ONNX -> TFLite (Micro) int8 and T
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import FeatureInfo
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """A stage-boundary tap point: hooking `module` (a path from named_modules()) yields (B, channels, H/r, W/r)."""
+
+    module: str
+    channels: int
+    reduction: int
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:

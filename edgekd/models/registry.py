@@ -23,15 +23,6 @@ ROLES = ("student", "teacher")
 
 
 @dataclass(frozen=True)
-class FeatureInfo:
-    """A stage-boundary tap point: hooking `module` (a path from named_modules()) yields (B, channels, H/r, W/r)."""
-
-    module: str
-    channels: int
-    reduction: int
-
-
-@dataclass(frozen=True)
 class ModelInfo:
     name: str
     family: str
@@ -157,6 +148,12 @@ def create_model(
     if pretrained:
         pretrained_mod.load_pretrained(model, name)
     return model
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's last Linear layer: the head a pretrained model gets fresh."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
 
 
 def _total_stride(info: ModelInfo, low_res_stem: bool) -> int:

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ..resources import data_dir
 from .graph import BYTES_PER_ELEMENT, Graph
 from .memory import Buffer, Plan, plan_greedy
+
+# the recording allocator's numbers the coefficients below were fitted to (shipped with the package)
+MEASUREMENTS = data_dir("calibration") / "tflm-measurements.jsonl"
 
 # TFLite Micro's persistent arena ("tail") on a 64-bit host: struct sizes read off its recording allocator
 # (TfLiteEvalTensor 24 B per tensor, NodeAndRegistration 64 B per operator) and its source (an int32 multiplier

@@ -30,9 +30,6 @@ class Plan:
     peak_op: int
     live_at_peak: tuple[str, ...]
 
-    def live_bytes(self, op: int, buffers: Sequence[Buffer]) -> int:
-        return sum(align(b.size) for b in buffers if b.first <= op <= b.last)
-
 
 def align(size: int, alignment: int = ALIGNMENT) -> int:
     return -(-int(size) // alignment) * alignment

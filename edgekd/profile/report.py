@@ -39,14 +39,20 @@ def _host(report: dict, runner: str) -> str:
     return "-"
 
 
+# the estimate's "params" is not the PyTorch parameter count that training prints, hence its own name
+DEPLOYED_WEIGHTS_NOTE = ("Deployed weights: the weight and bias elements of the deployed graph (BatchNorm folded into "
+                         "the convolutions, and a fully-connected layer counted twice where the TFLite converter "
+                         "duplicates it for a hard-swish), not the PyTorch parameter count training reports.")
+
+
 def markdown_table(reports: Sequence[dict], target: Target) -> str:
     runners = sorted({t["runner"] for r in reports for t in r["latency"]["host"]})
-    head = ["model", "MACs", "params", "SRAM est.", "SRAM TFLM", "flash est.", ".tflite", "device ms (est.)",
+    head = ["model", "MACs", "deployed weights", "SRAM est.", "SRAM TFLM", "flash est.", ".tflite", "device ms (est.)",
             *(f"host {r} p50 ms" for r in runners), "accuracy", "fits"]
     lines = [f"Target **{target.name}** ({target.export.precision}): SRAM {format_bytes(target.memory.ram_bytes)}, "
              f"flash {format_bytes(target.memory.flash_bytes)}, latency budget {target.latency_budget_ms:g} ms. "
              "Device latency is the target's fitted estimate; host columns are measured on the build machine, "
-             "not on the device.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"not on the device. {DEPLOYED_WEIGHTS_NOTE}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         e, m = r["estimate"], r["measured"]
         acc = _accuracy(r)

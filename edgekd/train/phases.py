@@ -1,40 +1,27 @@
-"""A method is a list of phases; each phase trains its own parameters with its own loss and optimizer."""
+"""The optimizer of a training phase (the phases themselves: edgekd.distill.phase.Phase)."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import OptimConfig
 
-if TYPE_CHECKING:
-    from ..distill.base import Distiller
 
+def build_optimizer(params: list[nn.Parameter], optim: OptimConfig,
+                    head: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """No weight decay on biases and normalisation parameters (1-D tensors), as is standard for CNNs.
 
-@dataclass
-class Phase:
-    name: str
-    epochs: int
-    distiller: "Distiller"  # forward(x, y) -> DistillOutput
-    trainable: list[nn.Parameter]  # what this phase optimises; everything else is frozen during it
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    evaluate: bool = True  # False for phases whose logits mean nothing yet (e.g. hint pre-training)
-
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.distiller.student_for_export()
-
-
-def build_optimizer(params: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
-    """No weight decay on biases and normalisation parameters (1-D tensors), as is standard for CNNs."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    Each group carries `lr_scale` (the trainer sets lr = schedule * lr_scale): 1 for `head`, and
+    `optim.body_lr_scale` for the rest when a head is given."""
+    head_ids = {id(p) for p in head}
+    body_scale = optim.body_lr_scale if head_ids else 1.0
+    groups = []
+    for scale, members in ((1.0, [p for p in params if id(p) in head_ids]),
+                           (body_scale, [p for p in params if id(p) not in head_ids])):
+        for decay, chosen in ((optim.weight_decay, [p for p in members if p.ndim > 1]),
+                              (0.0, [p for p in members if p.ndim <= 1])):
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay, "lr_scale": scale})
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=optim.lr)

@@ -21,13 +21,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.augment import Mix, RandAugment
 from ..data.datamodule import DataModule
-from ..errors import EdgekdError
+from ..data.loader import UNLABELED
+from ..distill.phase import Phase
 from ..distill.teacher_outputs import TeacherOutputs
+from ..distributed import DistEnv, all_reduce_sum, barrier
+from ..errors import EdgekdError
 from .checkpoint import model_payload, read_checkpoint, save_atomic
-from .distributed import DistEnv, all_reduce_sum, barrier
-from .phases import Phase, build_optimizer
+from .phases import build_optimizer
 from .schedules import lr_at
+
+
+@dataclass(frozen=True)
+class TrainViews:
+    """How the student's training batches are made beyond the data's crop/flip.
+
+    `teacher_data`: the same splits at the teacher's resolution; training images are augmented there, the
+    teacher sees that view (normalised with `teacher_norm`) and the student the same view resized to its own
+    resolution. `with_unlabeled`: the data's unlabeled images join the training set (label UNLABELED)."""
+
+    randaug: RandAugment | None = None
+    mix: Mix | None = None
+    teacher_data: DataModule | None = None
+    teacher_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    with_unlabeled: bool = False
 
 
 class TrainingInterrupted(Exception):
@@ -66,11 +84,13 @@ class EpochStats:
     seen: int = 0
     terms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    labelled: int | None = None  # images with a label (train_acc's denominator); None: all of `seen`
 
-    def add(self, loss: float, correct: int, n: int, terms: dict[str, float]) -> None:
+    def add(self, loss: float, correct: int, n: int, terms: dict[str, float], labelled: int | None = None) -> None:
         self.loss_sum += loss * n
         self.correct += correct
         self.seen += n
+        self.labelled = (self.labelled if self.labelled is not None else self.seen - n) + (n if labelled is None else labelled)
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v * n
 
@@ -78,7 +98,7 @@ class EpochStats:
         n = max(self.seen, 1)
         return {
             "train_loss": self.loss_sum / n,
-            "train_acc": self.correct / n,
+            "train_acc": self.correct / max(self.labelled if self.labelled is not None else self.seen, 1),
             "terms": {k: v / n for k, v in self.terms.items()},
             "images_per_s": self.seen / self.seconds if self.seconds > 0 else None,
             "train_seconds": self.seconds,
@@ -108,6 +128,7 @@ class Trainer:
         teacher_outputs: "TeacherOutputs | None" = None,
         variants: int = 0,
         bank_seed: int = 0,
+        views: TrainViews | None = None,
     ):
         world = runtime.dist.world_size
         if batch_size % (world * micro_batches):
@@ -128,6 +149,7 @@ class Trainer:
         self.teacher_outputs = teacher_outputs
         self.variants = variants
         self.bank_seed = bank_seed
+        self.views = views or TrainViews()
         self._stop = threading.Event()
 
     # ---- public -------------------------------------------------------------------------------------
@@ -166,23 +188,12 @@ class Trainer:
         if self.rt.dist.enabled:
             device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             module = DistributedDataParallel(distiller, device_ids=device_ids)
-        optimizer = build_optimizer(phase.trainable, phase.optim)
+        optimizer = build_optimizer(phase.trainable, phase.optim, phase.head)
         scaler = torch.amp.GradScaler("cuda", enabled=self.rt.use_scaler)
-        loader = self.data.loader(
-            "train",
-            self.batch_size // self.rt.dist.world_size,
-            shuffle=True,
-            augment=self.augment,
-            seed=self.seed,
-            rank=self.rt.dist.rank,
-            world_size=self.rt.dist.world_size,
-            drop_last=True,  # equal shards keep DDP and micro-batch gradients exact averages
-            variants=self.variants if self._uses_teacher_outputs(phase) else 0,
-            bank_seed=self.bank_seed,
-        )
+        loader = self._train_loader(phase)
         if len(loader) == 0:
             raise EdgekdError(
-                f"the training split ({len(self.data.train)} images) is smaller than one batch ({self.batch_size}): lower --batch-size"
+                f"the training split ({len(loader.images)} images) is smaller than one batch ({self.batch_size}): lower --batch-size"
             )
         steps_per_epoch = len(loader)
         total_steps = steps_per_epoch * phase.epochs
@@ -216,6 +227,31 @@ class Trainer:
             self._save_model(phase.eval_model, "best.pt", {})
         return best
 
+    def _train_loader(self, phase: Phase):
+        views = self.views
+        uses_teacher = self._uses_teacher_outputs(phase)
+        source = views.teacher_data if views.teacher_data is not None and uses_teacher else self.data
+        different = source is not self.data  # the student's view comes from the teacher-resolution images
+        return source.loader(
+            "train",
+            self.batch_size // self.rt.dist.world_size,
+            shuffle=True,
+            augment=self.augment,
+            seed=self.seed,
+            rank=self.rt.dist.rank,
+            world_size=self.rt.dist.world_size,
+            drop_last=True,  # equal shards keep DDP and micro-batch gradients exact averages
+            variants=self.variants if uses_teacher else 0,
+            bank_seed=self.bank_seed,
+            randaug=views.randaug if self.augment else None,
+            mix=views.mix if self.augment else None,
+            with_unlabeled=views.with_unlabeled,
+            resolution=self.data.resolution if different else None,
+            mean=self.data.mean if different else None,
+            std=self.data.std if different else None,
+            teacher_norm=views.teacher_norm if uses_teacher else None,
+        )
+
     def _train_epoch(self, index, phase, module, distiller, optimizer, scaler, loader, epoch, start_step,
                      steps_per_epoch, total_steps, stats, best) -> EpochStats:
         progress = self._progress(f"{phase.name} {epoch + 1}/{phase.epochs}", steps_per_epoch, start_step)
@@ -226,12 +262,12 @@ class Trainer:
                 global_step = epoch * steps_per_epoch + step
                 lr = lr_at(global_step, total_steps, steps_per_epoch, phase.optim)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 teacher = self._teacher_outputs_for(phase, batch)
                 image_index = batch.index if phase.distiller.wants_index else None
-                loss, correct, seen, terms = self._step(module, phase, optimizer, scaler, batch.x, batch.y,
-                                                        teacher, image_index)
-                stats.add(loss, correct, seen, terms)
+                loss, correct, seen, labelled, terms = self._step(module, phase, optimizer, scaler, batch.x,
+                                                                  batch.y, teacher, image_index, batch.mix)
+                stats.add(loss, correct, seen, terms, labelled)
                 now = time.perf_counter()
                 stats.seconds += now - tick
                 tick = now
@@ -262,18 +298,20 @@ class Trainer:
         """forward() keyword with the teacher's cached/fast outputs for this batch, or {} (the method runs it)."""
         if not self._uses_teacher_outputs(phase):
             return {}
+        # the teacher's view of the same image, made only if the teacher has to run (a cache miss)
+        x = batch.x if batch.teacher_view is None else (lambda: batch.teacher_x)
         if phase.distiller.teacher_logits_only:
-            return {"teacher_logits": self.teacher_outputs.logits(batch.x, batch.index, batch.variant)}
-        return {"teacher_out": self.teacher_outputs.with_features(batch.x, batch.index, batch.variant)}
+            return {"teacher_logits": self.teacher_outputs.logits(x, batch.index, batch.variant)}
+        return {"teacher_out": self.teacher_outputs.with_features(x, batch.index, batch.variant)}
 
     def _step(self, module, phase, optimizer, scaler, x, y, teacher: dict | None = None,
-              index=None) -> tuple[float, int, int, dict[str, float]]:
+              index=None, mix=None) -> tuple[float, int, int, int, dict[str, float]]:
         x = x.to(self.rt.device, non_blocking=True)
         y = y.to(self.rt.device, non_blocking=True)
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         k = self.micro_batches
-        loss_total, correct, seen = 0.0, 0, 0
+        loss_total, correct, seen, labelled_total = 0.0, 0, 0, 0
         terms: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for m in range(k):
@@ -282,6 +320,8 @@ class Trainer:
             extra = {name: _micro(value, m, k) for name, value in (teacher or {}).items()}
             if index is not None:  # the images' dataset indices, for methods that split the data (DistPro)
                 extra["index"] = index[m::k] if k > 1 else index
+            if mix is not None:  # (partner labels, own weight) of mixed images, for the label term
+                extra["mix"] = tuple(t.to(self.rt.device)[m::k] for t in mix)
             sync = contextlib.nullcontext() if m == k - 1 or not isinstance(module, DistributedDataParallel) else module.no_sync()
             with sync, torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype or torch.float32, enabled=self.rt.amp_dtype is not None):
                 out = module(xm, ym, **extra)
@@ -292,7 +332,9 @@ class Trainer:
             scaler.scale(out.loss / k).backward()
             loss_total += out.loss.item() / k
             labels = out.labels if out.labels is not None else ym
-            correct += int((out.logits.argmax(1) == labels).sum())
+            labelled = labels != UNLABELED
+            correct += int((out.logits.argmax(1) == labels)[labelled].sum())
+            labelled_total += int(labelled.sum())
             seen += len(labels)
             for name, value in out.terms.items():
                 terms[name] = terms.get(name, 0.0) + float(value) / k
@@ -304,7 +346,7 @@ class Trainer:
         hook_extra = {"index": index} if index is not None else {}
         for name, value in phase.distiller.after_step(x, y, optimizer, **hook_extra).items():
             terms[name] = terms.get(name, 0.0) + value
-        return loss_total, correct, seen, terms
+        return loss_total, correct, seen, labelled_total, terms
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()

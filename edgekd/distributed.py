@@ -1,4 +1,5 @@
-"""Multi-process training through torchrun: NCCL on GPUs, gloo on CPU."""
+"""Multi-process training through torchrun (NCCL on GPUs, gloo on CPU): the process group and the collectives
+the trainer and the methods with an optimisation step of their own (DistPro, MetaDistiller) use."""
 from __future__ import annotations
 
 import os
