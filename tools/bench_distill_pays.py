@@ -88,7 +88,9 @@ def main() -> None:
     teacher_optim = OptimConfig(lr=args.teacher_lr, body_lr_scale=args.teacher_body_lr_scale, warmup_epochs=0.5)
     teacher_cfg = dict(teacher=args.teacher, teacher_pretrained=True, teacher_optim=teacher_optim)
 
-    teacher = _teacher(args.out / "teacher-full", common, teacher_cfg, args.teacher_epochs)
+    full_teacher = args.out / "teacher-full"
+    if {"teacher", "short", "long"} & set(args.stages):
+        _teacher(full_teacher, common, teacher_cfg, args.teacher_epochs)
     plan = []  # (stage, run dir, config); short before long, seeds interleaved across arms
     for stage, epochs in (("short", args.short), ("long", args.long)):
         for seed in args.seeds:
@@ -116,18 +118,25 @@ def main() -> None:
             print(f"{run.name}: {result.get('test_acc', result.get('failed'))} ({time.time() - started:.0f} s)",
                   flush=True)
     if not args.no_doc:
-        write(args, teacher, plan)
+        summary = full_teacher / "teacher" / "summary.json"
+        write(args, json.loads(summary.read_text()) if summary.exists() else None, plan)
 
 
 def _teacher(run_dir: Path, common: dict, teacher_cfg: dict, epochs: int) -> dict:
-    """Fine-tune the pretrained teacher once (resumable) into run_dir/teacher."""
-    summary = run_dir / "teacher" / "summary.json"
-    if not summary.exists():
-        from rich.console import Console
+    """Fine-tune the pretrained teacher once (resumable) into run_dir/teacher; a process beside this one that is
+    training it already is waited for."""
+    import fcntl
 
-        cfg = {k: v for k, v in common.items() if not k.startswith(("randaug", "mix", "cutmix"))}
-        api.train_teacher(TrainConfig(run_dir=str(run_dir), **cfg, **teacher_cfg, teacher_epochs=epochs),
-                          console=Console(width=200))
+    summary = run_dir / "teacher" / "summary.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".teacher.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not summary.exists():
+            from rich.console import Console
+
+            cfg = {k: v for k, v in common.items() if not k.startswith(("randaug", "mix", "cutmix"))}
+            api.train_teacher(TrainConfig(run_dir=str(run_dir), **cfg, **teacher_cfg, teacher_epochs=epochs),
+                              console=Console(width=200))
     return json.loads(summary.read_text())
 
 
@@ -197,8 +206,9 @@ def _plot(args, plan) -> str | None:
     return "img/distill-pays-curves.png"
 
 
-def write(args, teacher: dict, plan) -> None:
+def write(args, teacher: dict | None, plan) -> None:
     lines = run_header(args.threads)
+    teacher = teacher or {"test_acc": float("nan")}
     t_min = teacher.get("train_seconds", 0.0) / 60
     finished = [json.loads((r / "summary.json").read_text()) for _, r, _ in plan
                 if not r.name.startswith("scarce") and (r / "summary.json").exists()]
