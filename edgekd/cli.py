@@ -57,10 +57,24 @@ def _typed(values: dict[str, str]) -> dict:
     return {k: yaml.safe_load(v) for k, v in values.items()}
 
 
+def _comma_list(ctx, param, values):
+    """List options are one comma-separated value; a repeated one would silently keep only its last use."""
+    if len(values) > 1:
+        raise click.BadParameter(f"give the list once, comma-separated: {param.opts[0]} {','.join(values)}")
+    return values[0] if values else None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgekd")
 def main():
-    """edgekd: distill tiny image classifiers for edge devices."""
+    """edgekd: distill tiny image classifiers for edge devices.
+
+    \b
+    Examples:
+      edgekd train --target cortex-m7 --data fashion-mnist --epochs 10
+      edgekd export runs/mobilenetv3_small_050-kd --target cortex-m7
+      edgekd profile runs/mobilenetv3_small_050-kd
+    """
 
 
 @main.command()
@@ -71,18 +85,18 @@ def main():
 @click.option("--student-init", metavar="SCHEME", help="Re-initialise the student: xavier | normal:MEAN,STD | constant:VALUE (robustness experiments).")
 @click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1.")
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
-@click.option("--teacher-pretrained", is_flag=True, default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
+@click.option("--teacher-pretrained/--no-teacher-pretrained", default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
 @click.option("--teacher-epochs", type=int, help="Epochs to train a zoo teacher on the data.")
 @click.option("--teacher-resolution", type=int, metavar="PX",
               help="Train and query the teacher at this resolution (>= the student's); the student gets the same augmented view resized.")
-@click.option("--teacher-lr", type=float, help="Peak learning rate of the teacher's training (default 0.05).")
+@click.option("--teacher-lr", type=float, help="Peak learning rate of the teacher's training.")
 @click.option("--teacher-body-lr-scale", type=float, metavar="S",
               help="Fine-tuning: the teacher's body (all but the classifier) trains at S x its lr (0 < S <= 1).")
 @click.option("--teacher-cache", type=click.Choice(["auto", "memory", "disk", "off"]),
               help="Reuse teacher outputs per (image, augmentation variant): logits for KD-style methods, also feature maps for AT/NST.")
 @click.option("--teacher-cache-variants", type=int, metavar="K",
               help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch.")
-@click.option("--teacher-cache-dir", help="Where disk caches live (default ~/.cache/edgekd/teacher-outputs).")
+@click.option("--teacher-cache-dir", help="Where disk caches live (none given: ~/.cache/edgekd/teacher-outputs, or under $EDGEKD_CACHE_DIR).")
 @click.option("--teacher-autocast", type=click.Choice(["off", "bf16", "fp16"]), help="Teacher inference precision.")
 @click.option("--method", help="Distillation method (see `edgekd methods`).")
 @click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. temperature=4 alpha=0.9 label_smoothing=0.1.")
@@ -91,33 +105,44 @@ def main():
 @click.option("--micro-batches", type=int, help="Split each batch into this many forward passes (gradient accumulation).")
 @click.option("--lr", type=float, help="Peak learning rate of the student phase(s).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Optimizer of the student phase(s).")
-@click.option("--weight-decay", type=float)
-@click.option("--warmup-epochs", type=float)
+@click.option("--weight-decay", type=float, help="Weight decay of the student phase(s) (not on biases and norms).")
+@click.option("--warmup-epochs", type=float, help="Linear learning-rate warm-up, in epochs, before the cosine decay.")
 @click.option("--grad-clip", type=float, help="Clip the global gradient norm (0: off).")
 @click.option("--resolution", type=int, help="Input size in pixels (default: the target's).")
 @click.option("--channels", type=click.IntRange(1, 3), help="Input channels, 1 or 3 (default: the target's).")
 @click.option("--limit", type=int, help="Use at most this many training images (quick runs).")
-@click.option("--strict-data", is_flag=True, default=None,
+@click.option("--strict-data/--no-strict-data", default=None,
               help="Stop at an unreadable image file instead of skipping it (skipped files are listed in the run).")
-@click.option("--no-augment", is_flag=True, default=None, help="Disable random crop/flip.")
+@click.option("--augment/--no-augment", default=None, help="Random crop/flip (and --randaug/--mixup/--cutmix) on training images.")
 @click.option("--randaug", metavar="N,M", help="RandAugment on top of crop/flip: N ops per image at magnitude M (0..10), e.g. 2,9.")
 @click.option("--mixup", type=float, metavar="ALPHA", help="Mixup per image with lambda ~ Beta(ALPHA, ALPHA) (0: off; timm uses 0.8).")
 @click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix per image with lambda ~ Beta(ALPHA, ALPHA) (0: off; timm uses 1.0).")
-@click.option("--mix-prob", type=float, help="Probability that an image is mixed (default 1).")
+@click.option("--mix-prob", type=float, help="Probability that an image is mixed.")
 @click.option("--labels-per-class", type=float, metavar="N",
               help="Keep only N labels per class (or a fraction < 1 of the train split); the rest can join --unlabeled rest.")
 @click.option("--unlabeled", metavar="SPEC",
               help="Images distilled from the teacher without labels: any --data source (labels ignored), or 'rest'.")
-@click.option("--seed", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--no-amp", is_flag=True, default=None, help="Full precision on CUDA.")
+@click.option("--seed", type=int, help="Seed of the initialisation, batch order and augmentation (the splits use split_seed).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: the GPU when there is one.")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (bf16, else fp16 with loss scaling).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML with TrainConfig keys; flags override it.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run is written (default runs/<student>-<method>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue an interrupted run from its last checkpoint.")
 @click.pass_context
 @friendly_errors
 def train(ctx, **kw):
-    """Train a student (and its teacher, if it needs training) with a distillation method."""
+    """Train a student (and its teacher, if it needs training) with a distillation method.
+
+    Options left out come from --config, else from the defaults shown. Lists are comma-separated; KEY=VALUE
+    options (--opt, --student-opt) repeat.
+
+    \b
+    Examples:
+      edgekd train --target cortex-m7 --data fashion-mnist --teacher resnet18 --teacher-epochs 5 --epochs 10
+      edgekd train --data imagefolder:~/photos --teacher efficientnet_lite0 --teacher-pretrained \\
+                   --teacher-resolution 64 --method fm --randaug 2,9 --mixup 0.8 --cutmix 1.0
+      edgekd train --resume runs/mobilenetv3_small_050-kd
+    """
     from . import api
     from .config import OptimConfig, TrainConfig
 
@@ -140,11 +165,6 @@ def train(ctx, **kw):
         changes["run_dir"] = str(changes["run_dir"])
     else:
         changes["run_dir"] = str(_default_run_dir(changes.get("student", base.student), changes.get("method", base.method)))
-    if kw["no_augment"]:
-        changes["augment"] = False
-    for name in ("teacher_resolution", "mixup", "cutmix", "mix_prob", "unlabeled"):
-        if kw[name] is not None:
-            changes[name] = kw[name]
     if kw["labels_per_class"] is not None:
         n = kw["labels_per_class"]
         changes["labels_per_class"] = int(n) if n >= 1 and n == int(n) else n
@@ -153,8 +173,6 @@ def train(ctx, **kw):
     teacher_optim = {k: kw[f"teacher_{k}"] for k in ("lr", "body_lr_scale") if kw[f"teacher_{k}"] is not None}
     if teacher_optim:
         changes["teacher_optim"] = OptimConfig(**{**base.teacher_optim.__dict__, **teacher_optim})
-    if kw["no_amp"]:
-        changes["amp"] = False
     if kw["student_opts"]:
         changes["student_options"] = {**base.student_options, **_typed(_key_values(kw["student_opts"], "--student-opt"))}
     if kw["method_opts"]:
@@ -167,12 +185,38 @@ def train(ctx, **kw):
     _print_summary(console, summary)
 
 
+def _show_config_defaults(command: click.Command) -> None:
+    """Append each option's default from TrainConfig (the one place defaults live) to its help."""
+    from .config import OptimConfig, TrainConfig
+
+    def defaults(cls) -> dict:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
+    values = {**defaults(OptimConfig), **defaults(TrainConfig)}  # --lr etc. set the student phase's OptimConfig
+    teacher_optim = values["teacher_optim"]
+    values.update(teacher_lr=teacher_optim.lr, teacher_body_lr_scale=teacher_optim.body_lr_scale, randaug="0 (off)")
+    values.pop("run_dir")  # the CLI's default differs: runs/<student>-<method>, said in its help
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.show_default or param.name not in values:
+            continue
+        value = values[param.name]
+        if value is None or value in ({}, "") or isinstance(value, (OptimConfig, dict)):
+            continue  # no default to show (the help says what happens instead)
+        if isinstance(value, bool) and param.is_flag and param.secondary_opts:
+            value = param.opts[0] if value else param.secondary_opts[0]
+        param.help = f"{param.help}  [default: {value}]"
+
+
 def _randaug(text: str) -> tuple[int, int]:
     ops, sep, magnitude = text.partition(",")
     try:
         return int(ops), int(magnitude) if sep else 9
     except ValueError:
         raise EdgekdError(f"--randaug expects N,M (ops per image, magnitude 0..10), e.g. 2,9; got '{text}'") from None
+
+
+_show_config_defaults(train)
 
 
 def _default_run_dir(student: str, method: str) -> Path:
@@ -213,13 +257,20 @@ def _print_summary(console, summary: dict) -> None:
               help="Training images used to calibrate int8 quantization.")
 @click.option("--verify-images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out test images the artifact is verified on.")
-@click.option("--dynamic-batch", is_flag=True, help="ONNX only: a dynamic batch dimension.")
-@click.option("--data", help="Data spec for calibration/verification if the run's is not at hand (same dataset).")
+@click.option("--dynamic-batch/--static-batch", default=False, show_default=True, help="ONNX only: a dynamic batch dimension.")
+@click.option("--data", help="Data spec for calibration/verification if the run's is not at hand (same dataset; none given: the run's).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Top-1 agreement with PyTorch a quantized artifact must reach.")
 @friendly_errors
 def export_cmd(source, format_, precision, target, out_dir, calib_images, verify_images, dynamic_batch, data, min_agreement):
-    """Export a run (or checkpoint) to ONNX, TFLite or a TensorRT-ready bundle, and verify it."""
+    """Export a run (or checkpoint) to ONNX, TFLite or a TensorRT-ready bundle, and verify it.
+
+    \b
+    Examples:
+      edgekd export runs/demo-cortex-m7 --target cortex-m7
+      edgekd export runs/nb --format onnx --dynamic-batch
+      edgekd export runs/nb --format tflite --precision int8 --calib-images 500 --out bundles/nb
+    """
     from . import api
 
     console = _console()
@@ -237,7 +288,12 @@ def targets():
 @targets.command("list")
 @friendly_errors
 def targets_list():
-    """One line per target."""
+    """One line per target.
+
+    \b
+    Example:
+      edgekd targets list
+    """
     from rich.table import Table
 
     from .targets import format_bytes, list_targets
@@ -253,7 +309,13 @@ def targets_list():
 @click.argument("name")
 @friendly_errors
 def targets_show(name):
-    """All specs of one target, with where they come from (see the YAML's comments)."""
+    """All specs of one target, with where they come from (see the YAML's comments).
+
+    \b
+    Examples:
+      edgekd targets show cortex-m7
+      edgekd targets show jetson-orin-nano
+    """
     from rich.table import Table
 
     from .targets import load_target
@@ -268,10 +330,16 @@ def targets_show(name):
 
 
 @main.command()
-@click.option("--role", type=click.Choice(["student", "teacher"]), help="Only models registered for this role.")
+@click.option("--role", type=click.Choice(["student", "teacher"]), help="Only models registered for this role (none given: all).")
 @friendly_errors
 def models(role):
-    """Registered architectures."""
+    """Registered architectures.
+
+    \b
+    Examples:
+      edgekd models
+      edgekd models --role student
+    """
     from rich.table import Table
 
     from .models import get_model_info, list_models
@@ -286,7 +354,12 @@ def models(role):
 @main.command()
 @friendly_errors
 def methods():
-    """Registered distillation methods."""
+    """Registered distillation methods (defaults and sources: docs/methods.md).
+
+    \b
+    Example:
+      edgekd methods
+    """
     from rich.table import Table
 
     from .api import list_methods
@@ -299,26 +372,34 @@ def methods():
 
 @main.command("profile")
 @click.argument("sources", nargs=-1)
-@click.option("--target", "targets", multiple=True, help="Device target(s); default: the run's --target.")
-@click.option("--runners", help="Host runners, comma-separated: pytorch,onnxruntime,litert,tflite-micro; 'none' to skip "
+@click.option("--target", "targets", metavar="NAME[,NAME]", multiple=True, callback=_comma_list, help="Device target(s), comma-separated (none given: the run's --target).")
+@click.option("--runners", multiple=True, callback=_comma_list, help="Host runners, comma-separated: pytorch,onnxruntime,litert,tflite-micro; 'none' to skip "
                                 "timing (default: those the source supports).")
-@click.option("--resolution", type=int, help="Resolution for bare model names (else write NAME@RES).")
+@click.option("--resolution", type=int, help="Resolution for bare model names (none given: write NAME@RES).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("profiles"),
               show_default=True, help="Reports go to OUT/<target>/.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Host threads for timing.")
 @click.option("--runs", type=click.IntRange(min=5), default=100, show_default=True, help="Timed runs per host runner.")
-@click.option("--no-plot", is_flag=True, help="Skip the PNG.")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write report.png (the Pareto plot).")
 @friendly_errors
-def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, no_plot):
+def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, plot):
     """MACs, memory, flash, latency (device estimate + host timings) and accuracy of SOURCES per target.
 
-    SOURCE: a run directory, an export bundle (or its file), or NAME@RESOLUTION of a zoo model."""
+    SOURCE: a run directory, an export bundle (or its file), or NAME@RESOLUTION of a zoo model.
+
+    \b
+    Examples:
+      edgekd profile runs/demo-cortex-m7
+      edgekd profile mcunet_tiny@64 mobilenetv2_035@64 --target cortex-m7,cortex-m4 --runners pytorch,onnxruntime
+      edgekd profile runs/demo-cortex-m7/export/tflite-int8 --target cortex-m7 --no-plot
+    """
     from . import api
 
     console = _console()
     parsed = None if runners is None else (() if runners == "none" else tuple(r.strip() for r in runners.split(",") if r.strip()))
-    result = api.profile(list(sources), list(targets) or None, runners=parsed, resolution=resolution, out_dir=out_dir,
-                         threads=threads, runs=runs, plot=not no_plot, console=console)
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    result = api.profile(list(sources), names, runners=parsed, resolution=resolution, out_dir=out_dir,
+                         threads=threads, runs=runs, plot=plot, console=console)
     for name, r in result.items():
         console.print(r["markdown"].read_text(), markup=False)
         console.print(f"{name}: {len(r['json'])} profile(s) in {r['markdown'].parent} (report.md"
@@ -329,13 +410,21 @@ def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, n
 @click.argument("candidates", nargs=-1)
 @click.option("--target", required=True, help="Device target (see `edgekd targets list`).")
 @click.option("--sweep", help="arch=NAME[,NAME];width=W[,W];res=R[,R] (cross product).")
-@click.option("--resolutions", help="Comma-separated resolutions for bare candidate names.")
-@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--resolutions", multiple=True, callback=_comma_list, help="Comma-separated resolutions for bare candidate names (none given: the target's).")
+@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Classes of the classifier head (its size counts in flash and MACs).")
 @friendly_errors
 def select_cmd(candidates, target, sweep, resolutions, num_classes):
     """Rank students for TARGET by estimated cost: those within its SRAM, flash and latency budgets, Pareto front first.
 
-    CANDIDATES: NAME@RES (default: the zoo's students around the target's resolution)."""
+    CANDIDATES: NAME@RES (default: the zoo's students around the target's resolution).
+
+    \b
+    Examples:
+      edgekd select --target cortex-m7
+      edgekd select --target cortex-m4 mcunet_tiny@48 mobilenetv2_035@64
+      edgekd select --target cortex-m7 --sweep "arch=mobilenetv2_100,mcunet_tiny;width=0.35,0.5;res=48,64"
+    """
     from rich.table import Table
 
     from . import api

@@ -80,3 +80,38 @@ def test_train_writes_a_run_and_resume_of_a_finished_run_reports_it(tmp_path, mo
     assert (tmp_path / "runs" / "mobilenetv3_small_050-ce-2" / "summary.json").is_file()
     resumed = run("train", "--resume", "runs/mobilenetv3_small_050-ce")
     assert resumed.exit_code == 0 and "test accuracy" in resumed.output
+
+
+def _commands(group, prefix=()):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_every_command_documents_its_options_and_ends_with_examples():
+    """A consistent CLI: every option says what it does, every command's --help ends with examples."""
+    import click
+
+    for path, command in _commands(main):
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"edgekd {' '.join(path)} {param.opts[0]} has no help"
+        text = run(*path, "--help").output
+        assert "Example" in text.split("Options:")[0], f"edgekd {' '.join(path)} --help shows no examples"
+
+
+def test_train_help_shows_the_config_defaults():
+    from edgekd.config import TrainConfig
+
+    text = " ".join(run("train", "--help").output.split())
+    assert f"[default: {TrainConfig().epochs}]" in text and "[default: --augment]" in text
+    assert "[default: 0.05]" in text  # --lr, from OptimConfig
+
+
+def test_a_list_option_given_twice_is_refused_not_half_used():
+    out = CliRunner().invoke(main, ["profile", "mcunet_tiny@32", "--target", "cortex-m7", "--target", "cortex-m4"])
+    assert out.exit_code == 2 and "--target cortex-m7,cortex-m4" in out.output

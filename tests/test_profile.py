@@ -153,8 +153,8 @@ def test_sweep_spec():
 # ---------------------------------------------------------------- CLI and reports
 
 def test_profile_model_writes_json_markdown_and_plot(tmp_path):
-    out = run("profile", "mcunet_tiny@32", "mobilenetv3_small_035@32", "--target", "cortex-m7", "--target",
-              "jetson-nano", "--runners", "pytorch", "--runs", "5", "--out", str(tmp_path))
+    out = run("profile", "mcunet_tiny@32", "mobilenetv3_small_035@32", "--target", "cortex-m7,jetson-nano",
+              "--runners", "pytorch", "--runs", "5", "--out", str(tmp_path))
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "cortex-m7" / "mcunet_tiny@32.json").read_text())
     assert report["estimate"]["macs"] > 1e6 and report["estimate"]["arena_bytes"] > report["estimate"]["activation_bytes"]
