@@ -191,6 +191,42 @@ def train(
     With `resume=True` the run continues from its last checkpoint (its saved config is used as is).
     Under torchrun every process calls this; only rank 0 writes files.
     """
+    config, resolved, method_cls, options = _validated(config, resume)
+    started = time.time()
+    runtime = _runtime(config)
+    try:
+        run = _build(config, resolved, method_cls, options, runtime, console)
+        outputs, variants, views = _teacher_views(run, runtime, console)
+        trainer = _trainer(Path(run.config.run_dir), run.data, runtime, run.config, console, on_step, outputs,
+                           variants, views)
+        result = trainer.fit(run.phases, resume=resume)
+        if runtime.dist.is_main:
+            run.distiller.write_artifacts(Path(run.config.run_dir))
+        if outputs is not None and outputs.cache is not None:
+            result["teacher_cache"] = outputs.cache.stats()
+        return _summarise(run, runtime, result, started, console)
+    finally:
+        shutdown(runtime.dist)
+
+
+@dataclass
+class _Run:
+    """What `train` builds before the trainer starts."""
+
+    config: TrainConfig  # as resolved (an auto or edited student filled in)
+    resolved: Resolved
+    options: Any  # the method's options
+    data: DataModule
+    teacher_data: DataModule | None  # the same splits at the teacher's resolution, when it differs
+    student: nn.Module
+    teacher: nn.Module | None
+    teacher_info: dict | None
+    distiller: Distiller
+    phases: list[Phase]
+
+
+def _validated(config: TrainConfig, resume: bool):
+    """Everything that can be checked before anything loads or is written."""
     run_dir = Path(config.run_dir)
     if resume:
         config = TrainConfig.load(run_dir / "config.yaml").replace(run_dir=str(run_dir))
@@ -202,108 +238,118 @@ def train(
     method_cls.check_epochs(options, config.epochs)  # a multi-phase method's budget fails before the teacher trains
     if method_cls.requires_teacher and not config.teacher:
         raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")
+    return config, resolved, method_cls, options
 
-    started = time.time()
-    runtime = make_runtime(config.device, config.amp, config.channels_last, init_distributed(
+
+def _runtime(config: TrainConfig) -> Runtime:
+    return make_runtime(config.device, config.amp, config.channels_last, init_distributed(
         config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
-    dist = runtime.dist
-    try:
-        data = _load(config, resolved.resolution, resolved.channels)
-        # the same splits at the teacher's resolution: the teacher trains there and sees that view of every image
-        teacher_data = (_load(config, resolved.teacher_resolution, resolved.channels)
-                        if resolved.teacher_resolution != resolved.resolution else None)
-        num_classes = data.info.num_classes
-        selection = None
-        if config.student == AUTO_STUDENT:
-            config, selection = _auto_student(config, resolved, num_classes, console if dist.is_main else None)
-        torch.manual_seed(config.seed)
-        loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher or config.student_edit else None
-        if config.student_edit:  # the student is the teacher's architecture (its weights come after the teacher)
-            arch = loaded_teacher[1]["model_config"] if loaded_teacher else {"name": config.teacher, **config.teacher_options}
-            config = config.replace(student=arch["name"], student_options={
-                k: v for k, v in arch.items() if k not in ("name", "num_classes", "in_chans", "edit")})
-        student = build_student(config, resolved, num_classes)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config.save(run_dir / "config.yaml")
-            if data.skipped:
-                _report_skipped(run_dir, data, console)
-            if selection is not None:
-                (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
-        barrier(dist)
 
-        teacher, teacher_info = None, None
-        if method_cls.requires_teacher or config.student_edit:
-            teacher, teacher_info = _prepare_teacher(config, resolved, teacher_data or data, runtime, loaded_teacher,
-                                                     console)
-            if console is not None and dist.is_main and teacher_info.get("test_acc") is not None:
-                console.print(f"teacher {teacher_info['name']} at {resolved.teacher_resolution} px: test accuracy "
-                              f"{100 * teacher_info['test_acc']:.2f}%")
-            teacher.input_size = resolved.teacher_resolution  # a loaded checkpoint does not know it
-        if config.student_edit:
-            student = _edited_teacher(teacher, config.student_edit)
-            if not method_cls.requires_teacher:
-                teacher = None
-        distiller: Distiller = method_cls(student, teacher, options)
-        phases = distiller.phases(config.epochs, config.optim)
-        if console is not None and dist.is_main:
-            extras = sum(p.numel() for p in distiller.extra_parameters())
-            console.print(
-                f"student {config.student} ({_count(student):,} params) <- method {config.method}"
-                + (f" from teacher {teacher_info['name']}" if teacher_info else "")
-                + (f"; method adds {extras:,} training-only params" if extras else "")
-                + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
-            )
-        outputs, variants = None, 0
-        views = TrainViews(randaug=config.randaug, mix=config.mix, with_unlabeled=data.unlabeled is not None)
-        if teacher is not None and (distiller.teacher_logits_only or distiller.teacher_taps):
-            if teacher_data is not None:
-                views = dataclasses.replace(views, teacher_data=teacher_data,
-                                            teacher_norm=_teacher_normalisation(teacher_info, teacher_data))
-            outputs, variants = _teacher_outputs(config, teacher_data or data, runtime, teacher, console,
-                                                 distiller.teacher_taps, views, resolved)
-        elif teacher is not None and console is not None and dist.is_main:
-            console.print(f"method {config.method} needs live teacher internals: the teacher runs every step (no cache)")
-        trainer = _trainer(run_dir, data, runtime, config, console, on_step, outputs, variants, views)
-        result = trainer.fit(phases, resume=resume)
-        warnings = _teacher_warnings(teacher_info, result)
-        if warnings and console is not None and dist.is_main:
-            for line in warnings:
-                console.print(f"[yellow]warning: {line}[/]")
-        if dist.is_main:
-            distiller.write_artifacts(run_dir)
-        if outputs is not None and outputs.cache is not None:
-            result["teacher_cache"] = outputs.cache.stats()
-        summary = {
-            "run_dir": str(run_dir),
-            "student": student.model_config,
-            "method": config.method,
-            "method_options": options.__dict__,
-            "method_extra_parameters": sum(p.numel() for p in distiller.extra_parameters()),
-            "teacher": teacher_info,
-            **({"warnings": warnings} if warnings else {}),
-            "target": resolved.target.name if resolved.target else None,
-            "resolution": resolved.resolution,
-            "teacher_resolution": resolved.teacher_resolution if teacher is not None else None,
-            "channels": resolved.channels,
-            "data": data.describe(),
-            "skipped_files": len(data.skipped),
-            **result,
-            "epochs": config.epochs,
-            "global_batch": config.batch_size,
-            "world_size": dist.world_size,
-            "backend": dist.backend,
-            "device": str(runtime.device),
-            "amp": str(runtime.amp_dtype) if runtime.amp_dtype else None,
-            "wall_seconds": time.time() - started,
-            "checkpoint_sha256": file_sha256(run_dir / "best.pt"),
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        }
-        if dist.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
-    finally:
-        shutdown(dist)
+
+def _build(config: TrainConfig, resolved: Resolved, method_cls, options, runtime: Runtime, console) -> _Run:
+    """Data, student and teacher (trained here if it must be), the distiller; writes config.yaml."""
+    dist = runtime.dist
+    run_dir = Path(config.run_dir)
+    data = _load(config, resolved.resolution, resolved.channels)
+    # the same splits at the teacher's resolution: the teacher trains there and sees that view of every image
+    teacher_data = (_load(config, resolved.teacher_resolution, resolved.channels)
+                    if resolved.teacher_resolution != resolved.resolution else None)
+    num_classes = data.info.num_classes
+    selection = None
+    if config.student == AUTO_STUDENT:
+        config, selection = _auto_student(config, resolved, num_classes, console if dist.is_main else None)
+    torch.manual_seed(config.seed)
+    loaded_teacher = _check_teacher(config, num_classes) if method_cls.requires_teacher or config.student_edit else None
+    if config.student_edit:  # the student is the teacher's architecture (its weights come after the teacher)
+        arch = loaded_teacher[1]["model_config"] if loaded_teacher else {"name": config.teacher, **config.teacher_options}
+        config = config.replace(student=arch["name"], student_options={
+            k: v for k, v in arch.items() if k not in ("name", "num_classes", "in_chans", "edit")})
+    student = build_student(config, resolved, num_classes)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        if data.skipped:
+            _report_skipped(run_dir, data, console)
+        if selection is not None:
+            (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+    barrier(dist)
+
+    teacher, teacher_info = None, None
+    if method_cls.requires_teacher or config.student_edit:
+        teacher, teacher_info = _prepare_teacher(config, resolved, teacher_data or data, runtime, loaded_teacher,
+                                                 console)
+        if console is not None and dist.is_main and teacher_info.get("test_acc") is not None:
+            console.print(f"teacher {teacher_info['name']} at {resolved.teacher_resolution} px: test accuracy "
+                          f"{100 * teacher_info['test_acc']:.2f}%")
+        teacher.input_size = resolved.teacher_resolution  # a loaded checkpoint does not know it
+    if config.student_edit:
+        student = _edited_teacher(teacher, config.student_edit)
+        if not method_cls.requires_teacher:
+            teacher = None
+    distiller: Distiller = method_cls(student, teacher, options)
+    phases = distiller.phases(config.epochs, config.optim)  # may add the method's modules: before counting them
+    if console is not None and dist.is_main:
+        extras = sum(p.numel() for p in distiller.extra_parameters())
+        console.print(
+            f"student {config.student} ({_count(student):,} params) <- method {config.method}"
+            + (f" from teacher {teacher_info['name']}" if teacher_info else "")
+            + (f"; method adds {extras:,} training-only params" if extras else "")
+            + f"; {resolved.resolution}px x{resolved.channels}, data {data.info.name}, device {runtime.device}"
+        )
+    return _Run(config, resolved, options, data, teacher_data, student, teacher, teacher_info, distiller, phases)
+
+
+def _teacher_views(run: _Run, runtime: Runtime, console) -> tuple[TeacherOutputs | None, int, TrainViews]:
+    """The teacher outputs the trainer serves (cache + fast runner) and how the student's batches are made."""
+    config, distiller, teacher = run.config, run.distiller, run.teacher
+    views = TrainViews(randaug=config.randaug, mix=config.mix, with_unlabeled=run.data.unlabeled is not None)
+    if teacher is not None and (distiller.teacher_logits_only or distiller.teacher_taps):
+        if run.teacher_data is not None:
+            views = dataclasses.replace(views, teacher_data=run.teacher_data,
+                                        teacher_norm=_teacher_normalisation(run.teacher_info, run.teacher_data))
+        outputs, variants = _teacher_outputs(config, run.teacher_data or run.data, runtime, teacher, console,
+                                             distiller.teacher_taps, views, run.resolved)
+        return outputs, variants, views
+    if teacher is not None and console is not None and runtime.dist.is_main:
+        console.print(f"method {config.method} needs live teacher internals: the teacher runs every step (no cache)")
+    return None, 0, views
+
+
+def _summarise(run: _Run, runtime: Runtime, result: dict, started: float, console) -> dict:
+    """summary.json: what was trained, how, and how well (written by the main process)."""
+    dist, resolved, run_dir = runtime.dist, run.resolved, Path(run.config.run_dir)
+    warnings = _teacher_warnings(run.teacher_info, result)
+    if warnings and console is not None and dist.is_main:
+        for line in warnings:
+            console.print(f"[yellow]warning: {line}[/]")
+    summary = {
+        "run_dir": str(run_dir),
+        "student": run.student.model_config,
+        "method": run.config.method,
+        "method_options": run.options.__dict__,
+        "method_extra_parameters": sum(p.numel() for p in run.distiller.extra_parameters()),
+        "teacher": run.teacher_info,
+        **({"warnings": warnings} if warnings else {}),
+        "target": resolved.target.name if resolved.target else None,
+        "resolution": resolved.resolution,
+        "teacher_resolution": resolved.teacher_resolution if run.teacher is not None else None,
+        "channels": resolved.channels,
+        "data": run.data.describe(),
+        "skipped_files": len(run.data.skipped),
+        **result,
+        "epochs": run.config.epochs,
+        "global_batch": run.config.batch_size,
+        "world_size": dist.world_size,
+        "backend": dist.backend,
+        "device": str(runtime.device),
+        "amp": str(runtime.amp_dtype) if runtime.amp_dtype else None,
+        "wall_seconds": time.time() - started,
+        "checkpoint_sha256": file_sha256(run_dir / "best.pt"),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 SKIPPED_FILES = "skipped-files.txt"
@@ -324,8 +370,7 @@ def train_teacher(config: TrainConfig, *, console=None) -> dict:
     if not config.teacher or is_checkpoint_source(config.teacher):
         raise EdgekdError(f"train_teacher trains a zoo teacher; got '{config.teacher}' (see `edgekd models`)")
     resolved = resolve(config)
-    runtime = make_runtime(config.device, config.amp, config.channels_last, init_distributed(
-        config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())))
+    runtime = _runtime(config)
     try:
         data = _load(config, resolved.teacher_resolution, resolved.channels)
         _check_teacher(config, data.info.num_classes)

@@ -285,16 +285,66 @@ def load_data(
     ctx = LoadContext(resolution, channels, memory_budget, Path(root) if root is not None else DEFAULT_CACHE_DIR,
                       strict=strict)
     source: SourceData = load_source(spec, ctx)
+    sets = _image_sets(spec, source, resolution, channels)
+    splits = _split(sets, seed, val_fraction, test_fraction, limit, labels_per_class)
+    train = splits.train_all.subset(splits.train_idx) if len(splits.train_idx) < len(splits.train_all) else splits.train_all
+    fixes = {"train": "lower val_fraction/test_fraction", "val": "raise val_fraction", "test": "raise test_fraction"}
+    for name, part in (("train", train), ("val", splits.val), ("test", splits.test)):
+        if len(part) == 0:
+            raise EdgekdError(
+                f"the {name} split of {spec} is empty ({len(splits.train_all)} train images, val_fraction={val_fraction}, "
+                f"test_fraction={test_fraction}); add images or {fixes[name]}"
+            )
+    lazy = not isinstance(train, TensorImageSet)
+    mean, std = _normalisation(spec, train, seed, channels, source.channels)
+    return DataModule(
+        info=DatasetInfo(source.name, len(source.class_names), tuple(source.class_names), source.channels),
+        train=train,
+        val=splits.val,
+        test=splits.test,
+        resolution=resolution,
+        channels=channels,
+        mean=mean,
+        std=std,
+        augment=CropFlip(pad=resolution // 8, hflip=source.hflip),
+        spec=spec,
+        seed=seed,
+        split_indices=splits.indices,
+        split_origin=splits.origin,
+        lazy=lazy,
+        unlabeled=_unlabeled_set(unlabeled, splits, train, ctx),
+        labels_per_class=labels_per_class,
+        unlabeled_spec=unlabeled,
+        skipped=source.skipped,
+    )
+
+
+def _image_sets(spec: str, source: SourceData, resolution: int, channels: int) -> dict[str, ImageSet]:
+    """The source's splits as image sets at the training resolution, labels checked against the classes."""
     num_classes = len(source.class_names)
     for s, part in source.splits.items():
         if len(part) and int(part.labels.max()) >= num_classes:
             top = int(part.labels.max())
             raise EdgekdError(f"{spec}: {s} label {top} >= {num_classes} classes; the data is corrupt")
+    return {s: _to_imageset(p.images, p.labels, resolution, channels) for s, p in source.splits.items()}
 
-    sets = {s: _to_imageset(p.images, p.labels, resolution, channels) for s, p in source.splits.items()}
+
+@dataclass
+class _Splits:
+    train_all: ImageSet  # the source's train split; train/val (and test, without a source test split) index it
+    train_idx: torch.Tensor
+    val: ImageSet
+    test: ImageSet
+    indices: dict[str, torch.Tensor]
+    origin: dict[str, str]
+    withheld: torch.Tensor | None  # train images whose labels labels_per_class withheld
+
+
+def _split(sets: dict[str, ImageSet], seed: int, val_fraction: float, test_fraction: float, limit: int | None,
+           labels_per_class: float | None) -> _Splits:
+    """Test (when the source has none), then val, carved stratified from train; then the limit and the labels kept."""
     indices: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-
     train_all = sets["train"]
     train_idx = torch.arange(len(train_all))
     if "test" in sets:
@@ -323,55 +373,33 @@ def load_data(
     if labels_per_class is not None:
         train_idx, withheld = _keep_labels(train_all.labels, train_idx, labels_per_class, seed)
     indices["train"], origin["train"] = train_idx, "train"
-    train = train_all if len(train_idx) == len(train_all) else train_all.subset(train_idx)
+    return _Splits(train_all, train_idx, val, test, indices, origin, withheld)
 
-    fixes = {"train": "lower val_fraction/test_fraction", "val": "raise val_fraction", "test": "raise test_fraction"}
-    for name, part in (("train", train), ("val", val), ("test", test)):
-        if len(part) == 0:
-            raise EdgekdError(
-                f"the {name} split of {spec} is empty ({len(train_all)} train images, val_fraction={val_fraction}, "
-                f"test_fraction={test_fraction}); add images or {fixes[name]}"
-            )
 
+def _normalisation(spec: str, train: ImageSet, seed: int, channels: int,
+                   source_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of the train split, for the channels the model gets."""
     lazy = not isinstance(train, TensorImageSet)
     mean, std = _lazy_stats(train, seed) if lazy else channel_stats(train.images)
-    stored = 1 if channels == 1 or source.channels == 1 else 3
+    stored = 1 if channels == 1 or source_channels == 1 else 3
     if stored == 1 and channels == 3:  # BatchLoader expands grey to 3 identical channels
         mean, std = mean * 3, std * 3
     if min(std) == 0.0:
         raise EdgekdError(f"the train split of {spec} has constant pixels (std 0); the images are blank or corrupt")
+    return mean, std
 
-    unlabeled_set = None
+
+def _unlabeled_set(unlabeled: str | None, splits: _Splits, train: ImageSet, ctx: LoadContext) -> ImageSet | None:
+    if unlabeled is None:
+        return None
     if unlabeled == UNLABELED_REST:
-        if withheld is None or len(withheld) == 0:
+        if splits.withheld is None or len(splits.withheld) == 0:
             raise EdgekdError("--unlabeled rest uses the train images whose labels --labels-per-class withheld; "
                               "there are none: pass --labels-per-class N")
-        rest = train_all.subset(withheld)
-        unlabeled_set = LabelsReplaced(rest, torch.full((len(rest),), UNLABELED))
-    elif unlabeled is not None:
-        stored_channels = train.images.shape[1] if isinstance(train, TensorImageSet) else None
-        unlabeled_set = _load_unlabeled(unlabeled, ctx, stored_channels)
-
-    return DataModule(
-        info=DatasetInfo(source.name, num_classes, tuple(source.class_names), source.channels),
-        train=train,
-        val=val,
-        test=test,
-        resolution=resolution,
-        channels=channels,
-        mean=mean,
-        std=std,
-        augment=CropFlip(pad=resolution // 8, hflip=source.hflip),
-        spec=spec,
-        seed=seed,
-        split_indices=indices,
-        split_origin=origin,
-        lazy=lazy,
-        unlabeled=unlabeled_set,
-        labels_per_class=labels_per_class,
-        unlabeled_spec=unlabeled,
-        skipped=source.skipped,
-    )
+        rest = splits.train_all.subset(splits.withheld)
+        return LabelsReplaced(rest, torch.full((len(rest),), UNLABELED))
+    stored_channels = train.images.shape[1] if isinstance(train, TensorImageSet) else None
+    return _load_unlabeled(unlabeled, ctx, stored_channels)
 
 
 def _validate_label_options(labels_per_class: float | None, unlabeled: str | None) -> None:
