@@ -57,15 +57,19 @@ def resolve(config: TrainConfig) -> Resolved:
                           "teacher's view is resized down to the student's, so pass a value >= "
                           f"{resolution} (or leave it out)")
     if teacher_resolution != resolution and (not method.teacher_logits_only or config.student_edit):
-        raise EdgekdError(f"--teacher-resolution needs a method that takes the teacher's logits (kd, fm, dkd, dist, "
-                          f"logit_l2); '{config.method}' taps teacher features at the student's resolution")
+        logit_methods = [name for name in METHODS.names() if METHODS.get(name).teacher_logits_only]
+        raise EdgekdError(f"--teacher-resolution needs a method that takes only the teacher's logits "
+                          f"({', '.join(logit_methods)}); '{config.method}' taps teacher features at the student's "
+                          "resolution")
     mixing = config.mix is not None
+    handling = [name for name in METHODS.names() if METHODS.get(name).handles_mixed_labels]
     if (mixing or config.unlabeled) and not method.handles_mixed_labels:
         what = "--mixup/--cutmix" if mixing else "--unlabeled"
-        raise EdgekdError(f"method '{config.method}' does not handle {what}: use ce, kd, fm, dkd or dist")
+        raise EdgekdError(f"method '{config.method}' does not handle {what}: use one of {', '.join(handling)}")
     if config.unlabeled and not method.requires_teacher:
+        with_teacher = [name for name in handling if METHODS.get(name).requires_teacher]
         raise EdgekdError(f"--unlabeled images are learned from a teacher, and method '{config.method}' has none: "
-                          "use kd, fm, dkd or dist")
+                          f"use one of {', '.join(with_teacher)}")
     return Resolved(config, target, resolution, channels, model_options, teacher_resolution)
 
 

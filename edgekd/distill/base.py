@@ -166,3 +166,24 @@ class Distiller(nn.Module):
                        steps_per_epoch: int = 0) -> None:
         """Called by the trainer before each epoch of a phase (also the epoch a resumed run continues); for
         methods with epoch-level schedules. Must act the same on every DDP rank."""
+
+
+class LogitDistiller(Distiller):
+    """A method that needs nothing from the teacher but its logits on the student's own view (KD and its
+    relatives): the trainer serves them (cached, or from the fast runner at the teacher's resolution), and the
+    label term skips unlabeled images and mixes labels of mixed ones. Subclasses implement `loss`."""
+
+    teacher_logits_only = True
+    handles_mixed_labels = True
+
+    def forward(self, x, y, teacher_logits=None, mix=None):
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(x)
+        logits = self.student(x)
+        loss, terms = self.loss(logits, teacher_logits, y, mix)
+        return DistillOutput(loss, logits, {name: value.detach() for name, value in terms.items()})
+
+    def loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+             mix: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(training loss, named terms) of the student's logits against the teacher's."""
+        raise NotImplementedError

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import EdgekdError
-from .base import DistillOutput, Distiller, MethodOptions
+from .base import LogitDistiller, MethodOptions
 from .labels import label_loss
 
 
@@ -48,19 +48,13 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
     return beta * tau * tau * inter, gamma * tau * tau * intra
 
 
-class DIST(Distiller):
+class DIST(LogitDistiller):
     name = "dist"
     description = "DIST (Huang et al. 2022): Pearson correlation of probabilities per image and per class"
     Options = DISTOptions
-    teacher_logits_only = True
-    handles_mixed_labels = True
 
-    def forward(self, x, y, teacher_logits=None, mix=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
+    def loss(self, logits, teacher_logits, y, mix):
         o = self.options
         inter, intra = dist_loss(logits, teacher_logits, o.beta, o.gamma, o.tau)
         ce = label_loss(logits, y, mix)
-        loss = o.ce_weight * ce + inter + intra
-        return DistillOutput(loss, logits, {"ce": ce.detach(), "inter": inter.detach(), "intra": intra.detach()})
+        return o.ce_weight * ce + inter + intra, {"ce": ce, "inter": inter, "intra": intra}

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgekdError
-from .base import DistillOutput, Distiller, MethodOptions
-from .kd import standardize_logits
+from .base import LogitDistiller, MethodOptions
 from .labels import dominant_label, label_loss
+from .losses import standardize_logits
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,10 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     return alpha * tckd, beta * nckd
 
 
-class DecoupledKD(Distiller):
+class DecoupledKD(LogitDistiller):
     name = "dkd"
     description = "decoupled KD (Zhao et al. 2022): target-class and non-target-class KL weighted separately"
     Options = DKDOptions
-    teacher_logits_only = True
-    handles_mixed_labels = True
 
     def __init__(self, student, teacher, options):
         super().__init__(student, teacher, options)
@@ -74,14 +72,10 @@ class DecoupledKD(Distiller):
         warmup_epochs = self.options.warmup_fraction * epochs
         self.ramp = min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
 
-    def forward(self, x, y, teacher_logits=None, mix=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
+    def loss(self, logits, teacher_logits, y, mix):
         o = self.options
         target = dominant_label(y, teacher_logits, mix)
         s, t = (standardize_logits(logits), standardize_logits(teacher_logits)) if o.standardize else (logits, teacher_logits)
         tckd, nckd = dkd_loss(s, t, target, o.alpha, o.beta, o.temperature)
         ce = label_loss(logits, y, mix)
-        loss = o.ce_weight * ce + self.ramp * (tckd + nckd)
-        return DistillOutput(loss, logits, {"ce": ce.detach(), "tckd": tckd.detach(), "nckd": nckd.detach()})
+        return o.ce_weight * ce + self.ramp * (tckd + nckd), {"ce": ce, "tckd": tckd, "nckd": nckd}

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import EdgekdError
-from .base import DistillOutput, Distiller, MethodOptions
-from .kd import kd_loss
+from .base import LogitDistiller, MethodOptions
 from .labels import label_loss
+from .losses import kd_loss
 
 
 @dataclass(frozen=True)
@@ -31,22 +31,14 @@ class FMOptions(MethodOptions):
             raise EdgekdError(f"fm label_weight must be >= 0, got {self.label_weight}")
 
 
-class FunctionMatching(Distiller):
+class FunctionMatching(LogitDistiller):
     name = "fm"
     description = "function matching (Beyer et al. 2022): KL at T=1 to the teacher on the identical augmented/mixed view"
     Options = FMOptions
-    teacher_logits_only = True
-    handles_mixed_labels = True
 
-    def forward(self, x, y, teacher_logits=None, mix=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
+    def loss(self, logits, teacher_logits, y, mix):
         kl = kd_loss(logits, teacher_logits, self.options.temperature)
-        terms = {"kl": kl.detach()}
-        loss = kl
-        if self.options.label_weight > 0:
-            ce = label_loss(logits, y, mix)
-            loss = loss + self.options.label_weight * ce
-            terms["ce"] = ce.detach()
-        return DistillOutput(loss, logits, terms)
+        if self.options.label_weight == 0:
+            return kl, {"kl": kl}
+        ce = label_loss(logits, y, mix)
+        return kl + self.options.label_weight * ce, {"kl": kl, "ce": ce}

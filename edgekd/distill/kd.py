@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import DistillOutput, Distiller, MethodOptions
+from .base import LogitDistiller, MethodOptions
 from .labels import label_loss
-from .losses import kd_loss, standardize_logits  # noqa: F401  (standardize_logits: imported from here by dkd)
+from .losses import kd_loss, standardize_logits  # noqa: F401  (kd_loss, standardize_logits: public here too)
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,13 @@ class KDOptions(MethodOptions):
             raise EdgekdError(f"kd soft_weight must be > 0, got {self.soft_weight}")
 
 
-class HintonKD(Distiller):
+class HintonKD(LogitDistiller):
     name = "kd"
     description = "Hinton knowledge distillation: softened teacher logits (KL, temperature T) + label CE"
     Options = KDOptions
-    teacher_logits_only = True
-    handles_mixed_labels = True
 
-    def forward(self, x, y, teacher_logits=None, mix=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
+    def loss(self, logits, teacher_logits, y, mix):
         o = self.options
         soft = kd_loss(logits, teacher_logits, o.temperature, o.standardize)
         hard = label_loss(logits, y, mix, o.label_smoothing)
-        loss = o.alpha * o.soft_weight * soft + (1.0 - o.alpha) * hard
-        return DistillOutput(loss, logits, {"kd": soft.detach(), "ce": hard.detach()})
+        return o.alpha * o.soft_weight * soft + (1.0 - o.alpha) * hard, {"kd": soft, "ce": hard}

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..errors import EdgekdError
-from .base import DistillOutput, Distiller, MethodOptions
+from .base import LogitDistiller, MethodOptions
+from .labels import label_loss
 
 
 @dataclass(frozen=True)
@@ -27,21 +28,14 @@ def logit_l2_loss(student_logits, teacher_logits):
     return F.mse_loss(student_logits.float(), teacher_logits.float())
 
 
-class LogitL2(Distiller):
+class LogitL2(LogitDistiller):
     name = "logit_l2"
     description = "Ba & Caruana logit regression: MSE between student and teacher logits (+ optional CE)"
     Options = LogitL2Options
-    teacher_logits_only = True
 
-    def forward(self, x, y, teacher_logits=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
+    def loss(self, logits, teacher_logits, y, mix):
         l2 = logit_l2_loss(logits, teacher_logits)
-        terms = {"l2": l2.detach()}
-        loss = l2
-        if self.options.ce_weight > 0:
-            ce = F.cross_entropy(logits, y)
-            loss = loss + self.options.ce_weight * ce
-            terms["ce"] = ce.detach()
-        return DistillOutput(loss, logits, terms)
+        if self.options.ce_weight == 0:
+            return l2, {"l2": l2}
+        ce = label_loss(logits, y, mix)
+        return l2 + self.options.ce_weight * ce, {"l2": l2, "ce": ce}
