@@ -1,12 +1,11 @@
 """Deterministic batch iteration over an ImageSet, shardable across DDP ranks and resumable mid-epoch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
 import torch
-
 import torch.nn.functional as F
 
 from .augment import Augmentation, CropFlip, Mix, RandAugment, ViewParams, map_params
@@ -28,13 +27,14 @@ class Batch:
     # lam * CE(y) + (1 - lam) * CE(y_partner)
     y_partner: torch.Tensor | None = None
     lam: torch.Tensor | None = None
+    _teacher_x: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def teacher_x(self) -> torch.Tensor | None:
         """The teacher's input (None: the teacher takes `x`)."""
-        if self.teacher_view is not None and not isinstance(self.teacher_view, torch.Tensor):
-            self.teacher_view = self.teacher_view()
-        return self.teacher_view
+        if self._teacher_x is None and self.teacher_view is not None:
+            self._teacher_x = self.teacher_view()
+        return self._teacher_x
 
     @property
     def mix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -176,7 +176,8 @@ class BatchLoader:
         return batch
 
     def _sample(self, n: int, generator: torch.Generator) -> ViewParams:
-        size = tuple(self.images.get_batch(torch.zeros(1, dtype=torch.int64)).shape[-2:])
+        size = tuple(  # CutMix boxes are drawn in pixels of the stored images (all the same size)
+            self.images.get_batch(torch.zeros(1, dtype=torch.int64)).shape[-2:])
         return self.policy.sample(n, len(self.images), size, generator)
 
     def epoch_variants(self) -> torch.Tensor:

@@ -84,13 +84,14 @@ class EpochStats:
     seen: int = 0
     terms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-    labelled: int | None = None  # images with a label (train_acc's denominator); None: all of `seen`
+    # images with a label, train_acc's denominator (None, in checkpoints from before unlabeled data: `seen`)
+    labelled: int | None = None
 
     def add(self, loss: float, correct: int, n: int, terms: dict[str, float], labelled: int | None = None) -> None:
+        self.labelled = (self.seen if self.labelled is None else self.labelled) + (n if labelled is None else labelled)
         self.loss_sum += loss * n
         self.correct += correct
         self.seen += n
-        self.labelled = (self.labelled if self.labelled is not None else self.seen - n) + (n if labelled is None else labelled)
         for k, v in terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v * n
 
