@@ -13,6 +13,8 @@ as unlabeled images.
 
 Every run goes through `benchdoc.ensure_run`: finished runs are reused and interrupted ones resumed, so the
 command can be re-run (or run as `--shard K/N` processes side by side, one thread each) until the tables fill.
+Finished runs (and the teachers' weights) are also kept in bench-runs/bench_distill_pays/, so a fresh checkout
+continues where the last session stopped.
 
     python tools/bench_distill_pays.py --threads 1 --shard 1/2   # and --shard 2/2 beside it
 """
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig, TrainConfig  # noqa: E402
-from tools.benchdoc import ensure_run, epoch_records, mean_std, run_header, write_section  # noqa: E402
+from tools.benchdoc import archive, ensure_run, epoch_records, mean_std, restore, run_header, write_section  # noqa: E402
 
 ARMS = ("ce", "kd", "fm", "dkd", "dist")
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))  # smoke runs write elsewhere
@@ -131,12 +133,13 @@ def _teacher(run_dir: Path, common: dict, teacher_cfg: dict, epochs: int) -> dic
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".teacher.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not summary.exists():
+        if not summary.exists() and not restore(run_dir / "teacher"):
             from rich.console import Console
 
             cfg = {k: v for k, v in common.items() if not k.startswith(("randaug", "mix", "cutmix"))}
             api.train_teacher(TrainConfig(run_dir=str(run_dir), **cfg, **teacher_cfg, teacher_epochs=epochs),
                               console=Console(width=200))
+        archive(run_dir / "teacher", extra=("best.pt",))  # the arms still to run need its weights
     return json.loads(summary.read_text())
 
 

@@ -36,6 +36,47 @@ def run_header(threads: int) -> list[str]:
     return [f"Command: `{command.strip()}`  ", f"Machine: {machine}.  ", f"Date: {datetime.date.today().isoformat()}", ""]
 
 
+# Finished benchmark runs are kept in git as their records (bench-runs/<benchmark>/<run>/), so a later session on a
+# fresh checkout continues a long benchmark instead of restarting it; runs/ itself is not versioned.
+ARCHIVE = Path(__file__).resolve().parent.parent / "bench-runs"
+RECORDS = ("config.yaml", "summary.json", "metrics.jsonl")
+
+
+def archive_path(run_dir: Path) -> Path | None:
+    """bench-runs/<path below runs/> for a run under a runs/ folder, else None."""
+    parts = Path(run_dir).resolve().parts
+    if "runs" not in parts:
+        return None
+    below = parts[len(parts) - parts[::-1].index("runs"):]
+    return ARCHIVE.joinpath(*below) if below else None
+
+
+def archive(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    """Keep a finished run's records (and `extra` files, e.g. a teacher's best.pt that later runs need)."""
+    import shutil
+
+    target = archive_path(run_dir)
+    if target is None or not (Path(run_dir) / "summary.json").exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS + extra:
+        if (Path(run_dir) / name).exists():
+            shutil.copy2(Path(run_dir) / name, target / name)
+
+
+def restore(run_dir: Path) -> bool:
+    """Bring back an archived finished run (whatever files were kept); True when it is finished now."""
+    import shutil
+
+    source = archive_path(run_dir)
+    if (Path(run_dir) / "summary.json").exists() or source is None or not (source / "summary.json").exists():
+        return (Path(run_dir) / "summary.json").exists()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        shutil.copy2(f, Path(run_dir) / f.name)
+    return True
+
+
 def ensure_run(run_dir: Path, **config) -> dict:
     """A benchmark run: reused when finished, resumed when interrupted, else trained. Returns its summary, or
     {"failed": message} for a run that stopped with an edgekd error (a diverged bad initialisation, say); the
@@ -53,7 +94,7 @@ def ensure_run(run_dir: Path, **config) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a benchmark process beside this one may be training this run: wait
         if failed.exists():
             return {"failed": failed.read_text().strip()}
-        if not summary.exists():
+        if not summary.exists() and not restore(run_dir):
             try:
                 if (run_dir / "last.pt").exists():
                     api.train(TrainConfig(run_dir=str(run_dir)), resume=True)
@@ -63,6 +104,7 @@ def ensure_run(run_dir: Path, **config) -> dict:
             except EdgekdError as e:
                 failed.write_text(str(e) + "\n")
                 return {"failed": str(e)}
+            archive(run_dir)
         return json.loads(summary.read_text())
 
 
