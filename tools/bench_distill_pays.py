@@ -73,6 +73,8 @@ def parse_args():
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_distill_pays")
     p.add_argument("--no-doc", action="store_true", help="train only; write no section")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the section from the finished runs (progress of a long benchmark)")
     return p.parse_args()
 
 
@@ -91,6 +93,9 @@ def main() -> None:
     teacher_cfg = dict(teacher=args.teacher, teacher_pretrained=True, teacher_optim=teacher_optim)
 
     full_teacher = args.out / "teacher-full"
+    if args.report_only:
+        args.stages = []
+        sys.argv = [a for a in sys.argv if a != "--report-only"]  # the section names the command that trains
     if {"teacher", "short", "long"} & set(args.stages):
         _teacher(full_teacher, common, teacher_cfg, args.teacher_epochs)
     plan = []  # (stage, run dir, config); short before long, seeds interleaved across arms
@@ -120,6 +125,8 @@ def main() -> None:
             print(f"{run.name}: {result.get('test_acc', result.get('failed'))} ({time.time() - started:.0f} s)",
                   flush=True)
     if not args.no_doc:
+        for run in [run for _, run, _ in plan] + [full_teacher / "teacher", args.out / "teacher-scarce" / "teacher"]:
+            restore(run)  # finished elsewhere (another checkout): its records are enough for the tables
         summary = full_teacher / "teacher" / "summary.json"
         write(args, json.loads(summary.read_text()) if summary.exists() else None, plan)
 
