@@ -64,11 +64,17 @@ _SCHEMA: dict[str, Any] = {
         "cycles_per_element": ("float0", "core cycles per input element of elementwise, pooling and pad ops"),
         "cycles_per_op": ("float0", "fixed cycles per operator (dispatch, kernel launch)"),
         "references": ("references", "published measurements the model was fitted to or is checked against"),
+        "history": ("history", "earlier coefficients, kept when `edgekd profile --calibrate` replaced them"),
     },
 }
-_OPTIONAL = {"model_options", "latency_model"}  # a target may imply no model options, and may lack a latency model
+_OPTIONAL = {"model_options", "latency_model", "latency_model.history"}  # a target may imply no model options,
+# lack a latency model, and has a history only once it was calibrated
 REFERENCE_KEYS = {"model": str, "resolution": int, "num_classes": int, "in_chans": int, "latency_ms": float,
                   "clock_hz": int, "role": ("fit", "check"), "source": str}
+# a zoo model measured on the device (`edgekd profile --calibrate`) also records its create_model options
+OPTIONAL_REFERENCE_KEYS = {"options"}
+HISTORY_KEYS = {"cycles_per_mac": float, "cycles_per_element": float, "cycles_per_op": float, "fitted_to": str,
+                "until": str, "replaced_by": str}
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Reference:
     clock_hz: int
     role: str  # "fit": the latency model was fitted to it; "check": held out, only compared
     source: str
+    options: dict = field(default_factory=dict, hash=False, compare=False)  # create_model options of a zoo model
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class LatencyModel:
     cycles_per_element: float
     cycles_per_op: float
     references: tuple[Reference, ...]
+    history: tuple[dict, ...] = ()  # replaced coefficients, oldest first
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,9 @@ class Target:
             "model_options": dict(self.model_options),
             **({"latency_model": {**{k: getattr(self.latency_model, k) for k in
                                      ("cycles_per_mac", "cycles_per_element", "cycles_per_op")},
-                                  "references": [vars(r).copy() for r in self.latency_model.references]}}
+                                  "references": [_reference_dict(r) for r in self.latency_model.references],
+                                  **({"history": [dict(h) for h in self.latency_model.history]}
+                                     if self.latency_model.history else {})}}
                if self.latency_model else {}),
         }
 
@@ -187,6 +197,14 @@ class Target:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["model_options"] = dict(self.model_options)
         return (_rebuild_target, (state,))
+
+
+def _reference_dict(ref: Reference) -> dict[str, Any]:
+    out = vars(ref).copy()
+    out["options"] = dict(out["options"])
+    if not out["options"]:
+        out.pop("options")
+    return out
 
 
 def _rebuild_target(state: dict[str, Any]) -> Target:
@@ -247,6 +265,8 @@ def _check_value(value: Any, spec: tuple, key: str, source: str) -> Any:
         return value
     if kind == "references":
         return _check_references(value, key, source)
+    if kind == "history":
+        return _check_history(value, key, source)
     if kind == "options":
         if value is None:
             value = {}
@@ -282,9 +302,14 @@ def _check_references(value: Any, key: str, source: str) -> tuple["Reference", .
     out = []
     for i, item in enumerate(value):
         where = f"'{key}[{i}]'"
-        if not isinstance(item, dict) or set(item) != set(REFERENCE_KEYS):
+        if not isinstance(item, dict) or not set(REFERENCE_KEYS) <= set(item) <= set(REFERENCE_KEYS) | OPTIONAL_REFERENCE_KEYS:
             got = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise _fail(source, f"{where} must have exactly the keys {', '.join(REFERENCE_KEYS)}, got {got}")
+            raise _fail(source, f"{where} must have exactly the keys {', '.join(REFERENCE_KEYS)} (and optionally "
+                                f"{', '.join(OPTIONAL_REFERENCE_KEYS)}), got {got}")
+        options = item.get("options", {})
+        if not isinstance(options, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                                    for k, v in options.items()):
+            raise _fail(source, f"{where}.options must map option names to plain values, got {options!r}")
         for k, kind in REFERENCE_KEYS.items():
             v = item[k]
             ok = v in kind if isinstance(kind, tuple) else (
@@ -293,7 +318,26 @@ def _check_references(value: Any, key: str, source: str) -> tuple["Reference", .
             if not ok:
                 want = " or ".join(kind) if isinstance(kind, tuple) else f"a positive {kind.__name__}"
                 raise _fail(source, f"{where}.{k} must be {want}, got {v!r}")
-        out.append(Reference(**{**item, "latency_ms": float(item["latency_ms"])}))
+        out.append(Reference(**{**item, "latency_ms": float(item["latency_ms"]), "options": dict(options)}))
+    return tuple(out)
+
+
+def _check_history(value: Any, key: str, source: str) -> tuple[dict, ...]:
+    if not isinstance(value, list):
+        raise _fail(source, f"'{key}' must be a list of earlier coefficients with keys {', '.join(HISTORY_KEYS)}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"'{key}[{i}]'"
+        if not isinstance(item, dict) or set(item) != set(HISTORY_KEYS):
+            got = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise _fail(source, f"{where} must have exactly the keys {', '.join(HISTORY_KEYS)}, got {got}")
+        for k, kind in HISTORY_KEYS.items():
+            v = item[k]
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0) if kind is float \
+                else isinstance(v, str) and v.strip() != ""
+            if not ok:
+                raise _fail(source, f"{where}.{k} must be {'a number >= 0' if kind is float else 'a non-empty string'}, got {v!r}")
+        out.append({k: (float(item[k]) if kind is float else item[k]) for k, kind in HISTORY_KEYS.items()})
     return tuple(out)
 
 
@@ -321,7 +365,7 @@ def _check_section(data: Any, schema: dict, prefix: str, source: str) -> dict[st
         path = prefix + key
         if key not in data:
             if path in _OPTIONAL:
-                out[key] = MappingProxyType({}) if path == "model_options" else None
+                out[key] = {"model_options": MappingProxyType({}), "latency_model.history": ()}.get(path)
                 continue
             hint = f"a section with {', '.join(spec)}" if isinstance(spec, dict) else spec[1]
             raise _fail(source, f"missing key '{path}'; add it ({hint})")

@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgekd"
 # lowest first; a module belongs to the entry with the longest matching prefix, and imports only from its own
 # layer or the ones before it. A new top-level module must be placed here.
 LAYERS: list[tuple[str, ...]] = [
-    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed"),  # foundation
+    # foundation; edgekd.agent runs on devices: standard library + numpy, it imports nothing else of edgekd
+    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed", "edgekd.agent"),
     ("edgekd.data",),
     ("edgekd.models",),
     ("edgekd.config",),  # TrainConfig validates model edits and init schemes (edgekd.models)
@@ -156,3 +157,11 @@ def test_the_former_cycles_stay_broken(module):
     """distill.base <-> train.phases, models.registry -> pretrained -> layers -> registry (issue 16)."""
     runtime, _ = import_graph()
     assert not any(t.startswith(("edgekd.train", "edgekd.models.registry")) for t in runtime[module])
+
+
+def test_the_agent_imports_nothing_of_edgekd_beyond_itself():
+    """It is copied to boards that have only numpy and a runtime: no edgekd module outside edgekd.agent."""
+    runtime, typing_only = import_graph()
+    for module in (m for m in runtime if m.startswith("edgekd.agent")):
+        outside = {t for t in runtime[module] | typing_only[module] if not t.startswith("edgekd.agent") and t != "edgekd"}
+        assert not outside, f"{module} imports {sorted(outside)}"

@@ -204,7 +204,17 @@ def build_micro(job, artifact: Path, inputs_nhwc: np.ndarray, litert_raw: np.nda
     job.check_ram(arena.bytes)
     c_array = write_c_array(artifact, job.stage, job.stem, arena_bytes=arena.bytes, io=io,
                             class_names=job.class_names)
+    extra = {}
+    if job.target is not None and job.target.runtime == "tflite-micro":  # a board to benchmark: its firmware source
+        from .firmware import write_firmware
+        from .tflite2c import c_identifier
+
+        sym = c_identifier(job.stem)
+        extra["firmware"] = write_firmware(job.stage, stem=job.stem, header=c_array["header"], symbol=sym,
+                                           upper=sym.upper(), ops=ops, arena_bytes=arena.bytes,
+                                           cpu_hz=job.target.compute.clock_hz)
     return {
+        **extra,
         "tflm": {
             "ops": ops,
             "arena_bytes": arena.bytes,
