@@ -134,9 +134,11 @@ def select(target: str | Target, candidates=None, *, sweep: str | None = None, r
 
 
 def profile(sources, targets=None, *, runners=None, resolution: int | None = None, out_dir="profiles",
-            threads: int = 1, runs: int = 100, plot: bool = True, console=None) -> dict:
+            threads: int = 1, runs: int = 100, plot: bool = True, console=None, device=None) -> dict:
     """Profile each source on each target; writes profiles/<target>/*.json, report.md and report.png.
 
+    `device` (a profile.device.DeviceRequest): also measure each source's export on a device (an edgekd agent or
+    a board's serial port) for the one target, and with `calibrate` refit the target's latency coefficients.
     Returns {target name: {"reports": [...], "json": [paths], "markdown": path, "plot": path}}."""
     from .profile import latency as lat
     from .profile import report as rep
@@ -157,6 +159,9 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
                               "--target carry one")
         targets = sorted(run_targets)
     target_objs = [load_target(t) if isinstance(t, str) else t for t in targets]
+    measured, calibrated = _measure_on_device(resolved, target_objs, device, console)
+    if calibrated is not None:
+        target_objs = [calibrated.pop("target_obj")]
     peak = lat.host_peak_macs_per_s(threads) if runners != () else None
     timings = {}
     for s in resolved:  # host timings do not depend on the target: measure each source once
@@ -168,8 +173,14 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
         calibration = lat.reference_errors(target)  # how far the latency model is from published measurements
         reports = [profile_one(s, target, runners, threads=threads, runs=runs, host_peak=peak,
                                timings=timings[s.label]) for s in resolved]
-        for r in reports:
+        for s_, r in zip(resolved, reports):
             r["latency"]["calibration"] = calibration
+            if s_.label in measured:
+                from .profile.device import attach
+
+                attach(r, measured[s_.label], target.latency_budget_ms)
+            if calibrated is not None:
+                r["latency"]["calibrated"] = calibrated
         directory = Path(out_dir) / target.name
         paths = [rep.write_json(r, directory) for r in reports]
         markdown = directory / "report.md"
@@ -177,6 +188,39 @@ def profile(sources, targets=None, *, runners=None, resolution: int | None = Non
         png = rep.plot(reports, target, directory / "report.png") if plot else None
         out[target.name] = {"reports": reports, "json": paths, "markdown": markdown, "plot": png}
     return out
+
+
+def _measure_on_device(resolved, target_objs, device, console) -> tuple[dict, dict | None]:
+    """({source label: measurement}, the calibration's old/new coefficients or None) for `profile(device=...)`."""
+    if device is None:
+        return {}, None
+    from .profile.calibrate import calibrate, check_measurement, measured_reference
+    from .profile.device import measure_source
+
+    device.check()
+    if len(target_objs) != 1:
+        raise EdgekdError("measuring on a device profiles one target: pass --target NAME (the device's)")
+    target = target_objs[0]
+    measured = {}
+    for s in resolved:
+        if console is not None:
+            where = device.url or device.port
+            console.print(f"profiling {s.label}: measuring its {target.name} export on {where}")
+        measured[s.label] = m = measure_source(s, target, device)
+        if console is not None and not m["agreement"]["agrees"]:
+            console.print(f"warning: {s.label}: the device's outputs differ from this host's "
+                          f"({m['agreement']['criterion']}: top-1 {m['agreement']['top1_match']}/{m['agreement']['inputs']}, "
+                          f"max difference {m['agreement']['max_abs_diff' if 'max_abs_diff' in m['agreement'] else 'max_abs_diff_lsb']:.3g})")
+    if not device.calibrate:
+        return measured, None
+    references = []
+    for s in resolved:
+        check_measurement(target, s.label, measured[s.label])
+        config = (s.manifest or {}).get("source", {}).get("model") or s.model.model_config
+        references.append(measured_reference(target, config, s.resolution, measured[s.label]))
+    reason = (f"edgekd profile --calibrate: {len(references)} measurement(s) on "
+              f"{next(iter(measured.values())).get('device', {}).get('model') or 'the device'}")
+    return measured, calibrate(target, references, reason)
 
 
 def is_checkpoint_source(source: str) -> bool:

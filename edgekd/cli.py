@@ -381,29 +381,94 @@ def methods():
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Host threads for timing.")
 @click.option("--runs", type=click.IntRange(min=5), default=100, show_default=True, help="Timed runs per host runner.")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write report.png (the Pareto plot).")
+@click.option("--device", "device_url", metavar="URL",
+              help="Also measure each source's export for the target on an `edgekd agent` at http://HOST:PORT (none given: no device).")
+@click.option("--token", envvar="EDGEKD_AGENT_TOKEN", show_envvar=True,
+              help="The agent's token, printed when it starts (none given: $EDGEKD_AGENT_TOKEN).")
+@click.option("--serial", "serial_port", metavar="PORT",
+              help="Also read the bundle's benchmark firmware from this serial port, e.g. /dev/ttyACM0 (none given: no board).")
+@click.option("--baud", type=click.IntRange(min=300), default=115200, show_default=True, help="Serial baud rate.")
+@click.option("--serial-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for a complete benchmark on the serial port.")
+@click.option("--device-runs", type=click.IntRange(5, 100_000), default=100, show_default=True,
+              help="Timed runs on the agent (after warm-up; at least one second in all).")
+@click.option("--device-warmup", type=click.IntRange(0, 10_000), default=10, show_default=True, help="Warm-up runs on the agent.")
+@click.option("--batch", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Batch size on the agent; throughput is reported at it (an ONNX model needs --dynamic-batch).")
+@click.option("--device-threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Runtime threads on the agent.")
+@click.option("--device-runtime", type=click.Choice(["auto", "onnxruntime", "litert", "tensorrt"]), default="auto",
+              show_default=True, help="Runtime on the agent; auto: the bundle's (TensorRT only if the agent allows builds).")
+@click.option("--calibrate/--no-calibrate", default=False, show_default=True,
+              help="Refit the target's latency coefficients to the device measurements (old values kept in the YAML's history).")
 @friendly_errors
-def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, plot):
+def profile_cmd(sources, targets, runners, resolution, out_dir, threads, runs, plot, device_url, token, serial_port, baud,
+                serial_timeout, device_runs, device_warmup, batch, device_threads, device_runtime, calibrate):
     """MACs, memory, flash, latency (device estimate + host timings) and accuracy of SOURCES per target.
 
-    SOURCE: a run directory, an export bundle (or its file), or NAME@RESOLUTION of a zoo model.
+    SOURCE: a run directory, an export bundle (or its file), or NAME@RESOLUTION of a zoo model. With --device or
+    --serial, the run's export for the target is also measured on the device (docs/profile.md).
 
     \b
     Examples:
-      edgekd profile runs/demo-cortex-m7
-      edgekd profile mcunet_tiny@64 mobilenetv2_035@64 --target cortex-m7,cortex-m4 --runners pytorch,onnxruntime
-      edgekd profile runs/demo-cortex-m7/export/tflite-int8 --target cortex-m7 --no-plot
+      edgekd profile runs/demo-cortex-m7 mcunet_tiny@64 --target cortex-m7,cortex-m4 --runners pytorch,onnxruntime
+      edgekd profile runs/pi --target raspberry-pi-4 --device http://127.0.0.1:8765 --token "$TOKEN"
+      edgekd profile runs/demo-cortex-m7 --target cortex-m7 --serial /dev/ttyACM0 --calibrate
     """
     from . import api
+    from .profile.device import DeviceRequest
 
     console = _console()
     parsed = None if runners is None else (() if runners == "none" else tuple(r.strip() for r in runners.split(",") if r.strip()))
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    device = None
+    if device_url or serial_port:
+        device = DeviceRequest(url=device_url, token=token, port=serial_port, baud=baud, timeout_s=serial_timeout,
+                               runs=device_runs, warmup=device_warmup, batch=batch, threads=device_threads,
+                               runtime=device_runtime, calibrate=calibrate)
+    elif calibrate:
+        raise EdgekdError("--calibrate fits the target to device measurements: add --device URL or --serial PORT")
     result = api.profile(list(sources), names, runners=parsed, resolution=resolution, out_dir=out_dir,
-                         threads=threads, runs=runs, plot=plot, console=console)
+                         threads=threads, runs=runs, plot=plot, console=console, device=device)
     for name, r in result.items():
         console.print(r["markdown"].read_text(), markup=False)
         console.print(f"{name}: {len(r['json'])} profile(s) in {r['markdown'].parent} (report.md"
                       + (", report.png" if r["plot"] else "") + ")")
+
+
+@main.command("agent")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the agent (prefer an SSH tunnel).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="TCP port (0: any free one).")
+@click.option("--token-file", type=click.Path(dir_okay=False), envvar="EDGEKD_AGENT_TOKEN_FILE",
+              help="File holding the token (none given: $EDGEKD_AGENT_TOKEN, else a new one is generated and printed).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Folder for uploads and jobs (none given: a new temporary folder, removed at exit).")
+@click.option("--max-upload-mb", type=click.IntRange(1, 4096), default=64, show_default=True, help="Largest upload accepted (MiB).")
+@click.option("--queue", "queue_size", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Jobs that may wait behind the running one; more are answered 503 (busy).")
+@click.option("--job-timeout", type=click.FloatRange(min=1), default=900.0, show_default=True, help="Seconds one job may run.")
+@click.option("--allow-tensorrt-build/--no-allow-tensorrt-build", default=False, show_default=True,
+              help="Run a TensorRT bundle's build_engine.sh with trtexec (this executes the uploaded script).")
+def agent_cmd(host, port, token_file, work_dir, max_upload_mb, queue_size, job_timeout, allow_tensorrt_build):
+    """Run the benchmark agent on this device (Jetson, Raspberry Pi, any Linux box) for `edgekd profile --device`.
+
+    It times uploaded export bundles with the runtime this device has (ONNX Runtime, LiteRT; TensorRT only with
+    --allow-tensorrt-build) and answers with latency, throughput, peak RSS, device identity and outputs. It needs
+    only numpy and a runtime: `python -m edgekd.agent` is the same command. See docs/profile.md.
+
+    \b
+    Examples:
+      edgekd agent
+      EDGEKD_AGENT_TOKEN=$(cat ~/.edgekd-token) edgekd agent --port 9000
+      edgekd agent --allow-tensorrt-build --work-dir /tmp/edgekd-agent
+    """
+    from .agent.server import run as run_agent
+
+    try:
+        run_agent(host, port, token_file, work_dir, max_upload_mb, queue_size, allow_tensorrt_build, job_timeout)
+    except (ValueError, OSError) as e:
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
 
 
 @main.command("select")

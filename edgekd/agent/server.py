@@ -26,6 +26,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ class Agent:
                  socket_timeout_s: float = DEFAULTS["socket_timeout_s"], log=None):
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the token must have at least {MIN_TOKEN_CHARS} characters")
+        if queue_size < 1 or max_upload_bytes < 1:
+            raise ValueError("--queue and --max-upload-mb must be at least 1")
         self.token = token or secrets.token_urlsafe(32)
         self.token_generated = token is None
         self.own_work_dir = work_dir is None
@@ -469,12 +472,18 @@ def run(host: str = DEFAULTS["host"], port: int = DEFAULTS["port"], token_file: 
     if not is_loopback(str(agent.host)):
         say(f"warning: listening on {agent.host}, not loopback: anyone who reaches this port with the token can run "
             "models here; prefer the default 127.0.0.1 and an SSH tunnel (ssh -L 8765:127.0.0.1:8765 board)")
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, kill) stops it as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         agent.serve_forever()
     except KeyboardInterrupt:
         say("stopping")
     finally:
         agent.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -184,3 +185,69 @@ def clock_hz(clocks: dict, runtime: str) -> int | None:
         return cpu.get("cur_hz") or cpu.get("max_hz")
     mhz = before.get("cpu_mhz_proc")
     return int(mhz[0] * 1e6) if mhz else None
+
+
+# ------------------------------------------------------------------------------ profile sources on a device
+
+@dataclass
+class DeviceRequest:
+    """What `edgekd profile --device URL` / `--serial PORT` asks for (exactly one of url and port)."""
+
+    url: str | None = None
+    token: str | None = None
+    port: str | None = None
+    baud: int = 115200
+    timeout_s: float = 120.0  # serial: how long to wait for a complete benchmark
+    runs: int = 100
+    warmup: int = 10
+    batch: int = 1
+    threads: int = 1
+    runtime: str = "auto"
+    calibrate: bool = False
+
+    def check(self) -> None:
+        if (self.url is None) == (self.port is None):
+            raise EdgekdError("measure on one device: pass either --device URL (an edgekd agent) or --serial PORT")
+        if self.url is not None and not self.token:
+            raise EdgekdError("--device needs the agent's token: --token TOKEN (or $EDGEKD_AGENT_TOKEN); the agent "
+                              "prints it when it starts")
+
+
+def device_bundle(source, target) -> Path:
+    """The export bundle a source sends to the device: a bundle as given, or the run's export for the target."""
+    if source.kind == "artifact":
+        return Path(source.path)
+    if source.kind == "model":
+        raise EdgekdError(f"{source.label} is an untrained zoo model: measuring on a device needs an exported run "
+                          "(edgekd train, then edgekd export RUN --target T)")
+    name = f"{target.export.format}-{target.export.precision}"
+    bundle = Path(source.path) / "export" / name
+    if not (bundle / protocol.MANIFEST).is_file():
+        raise EdgekdError(f"{source.path} has no {target.name} export ({bundle} is missing): run `edgekd export "
+                          f"{source.path} --target {target.name}` first")
+    return bundle
+
+
+def measure_source(source, target, request: DeviceRequest) -> dict:
+    bundle = device_bundle(source, target)
+    if request.port is not None:
+        from . import serial_bench
+
+        manifest = json.loads((bundle / protocol.MANIFEST).read_text())
+        if "firmware" not in manifest:
+            raise EdgekdError(f"{bundle} has no benchmark firmware: export for a TFLite Micro target "
+                              f"(`edgekd export {source.path} --target cortex-m7`) and flash its firmware/main.cc")
+        return serial_bench.measure(bundle, request.port, baud=request.baud, timeout_s=request.timeout_s)
+    return measure(bundle, request.url, request.token, runs=request.runs, warmup=request.warmup, batch=request.batch,
+                   threads=request.threads, runtime=request.runtime)
+
+
+def attach(report: dict, m: dict, budget_ms: float) -> None:
+    """The measurement beside the estimate in a profile report."""
+    report["latency"]["device"] = m
+    report["measured"]["device_p50_ms"] = m["p50_ms"]
+    if m["agreement"]["agrees"]:  # a measured latency decides the latency budget; the estimate's verdict is kept
+        fits = report["fits"]
+        fits["latency_estimate"] = fits["latency"]
+        fits["latency"] = m["p50_ms"] <= budget_ms
+        fits["all"] = fits["sram"] and fits["flash"] and fits["latency"]

@@ -66,7 +66,7 @@ def per_op_ms(graph: Graph, target: Target) -> list[float] | None:
 def reference_graph(ref) -> Graph:
     from .reference_models import build_reference
 
-    return trace_model(build_reference(ref.model, ref.num_classes, ref.in_chans), ref.resolution,
+    return trace_model(build_reference(ref.model, ref.num_classes, ref.in_chans, ref.options, ref.resolution), ref.resolution,
                        channels=ref.in_chans, name=ref.model)
 
 

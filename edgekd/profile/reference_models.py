@@ -77,7 +77,13 @@ REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_reference(name: str, num_classes: int, in_chans: int) -> nn.Module:
-    if name not in REFERENCE_MODELS:
-        raise EdgekdError(f"unknown reference model '{name}' (known: {', '.join(REFERENCE_MODELS)})")
-    return REFERENCE_MODELS[name](num_classes=num_classes, in_chans=in_chans).eval()
+def build_reference(name: str, num_classes: int, in_chans: int, options=None, resolution: int | None = None) -> nn.Module:
+    """A published model by its name here, or a zoo model with its create_model options (a model measured on the
+    device by `edgekd profile --calibrate`)."""
+    from ..models import MODELS, create_model
+
+    if name in REFERENCE_MODELS and not options:
+        return REFERENCE_MODELS[name](num_classes=num_classes, in_chans=in_chans).eval()
+    if name in MODELS:
+        return create_model(name, num_classes, in_chans=in_chans, input_size=resolution, **dict(options or {})).eval()
+    raise EdgekdError(f"unknown reference model '{name}' (known: {', '.join(REFERENCE_MODELS)} and the zoo's models)")

@@ -45,10 +45,39 @@ DEPLOYED_WEIGHTS_NOTE = ("Deployed weights: the weight and bias elements of the 
                          "duplicates it for a hard-swish), not the PyTorch parameter count training reports.")
 
 
+def _device(report: dict) -> dict | None:
+    return report["latency"].get("device")
+
+
+def _measured_lines(reports: Sequence[dict]) -> list[str]:
+    """One line per source measured on the device: where, with what, the numbers, and whether outputs agreed."""
+    lines = []
+    for r in reports:
+        m = _device(r)
+        if m is None:
+            continue
+        where = f"agent {m['url']}" if m["via"] == "agent" else f"serial {m.get('port')}"
+        runtime = f"{m['runtime']} {m.get('runtime_version') or ''}".strip()
+        extra = [f"throughput {m['throughput_per_s']:.4g}/s at batch {m['batch']}"]
+        if m.get("peak_rss_bytes"):
+            extra.append(f"peak RSS {format_bytes(m['peak_rss_bytes'])}")
+        if m.get("arena_used_bytes"):
+            extra.append(f"arena used {format_bytes(m['arena_used_bytes'])}")
+        if m.get("clock_hz"):
+            extra.append(f"clock {m['clock_hz'] / 1e6:.0f} MHz")
+        a = m["agreement"]
+        verdict = ("outputs agree" if a["agrees"] else "OUTPUTS DO NOT AGREE") + f" with this host ({a['criterion']})"
+        lines.append(f"- {r['source']['label']}: {m.get('device', {}).get('model') or 'device'} via {where}, {runtime}, "
+                     f"{m['runs']} runs: p50 {m['p50_ms']:.4g} / p90 {m['p90_ms']:.4g} / p99 {m['p99_ms']:.4g} ms; "
+                     f"{', '.join(extra)}; {verdict}")
+    return lines
+
+
 def markdown_table(reports: Sequence[dict], target: Target) -> str:
     runners = sorted({t["runner"] for r in reports for t in r["latency"]["host"]})
+    measured = any(_device(r) for r in reports)
     head = ["model", "MACs", "deployed weights", "SRAM est.", "SRAM TFLM", "flash est.", ".tflite", "device ms (est.)",
-            *(f"host {r} p50 ms" for r in runners), "accuracy", "fits"]
+            *(["device p50 ms (measured)"] if measured else []), *(f"host {r} p50 ms" for r in runners), "accuracy", "fits"]
     lines = [f"Target **{target.name}** ({target.export.precision}): SRAM {format_bytes(target.memory.ram_bytes)}, "
              f"flash {format_bytes(target.memory.flash_bytes)}, latency budget {target.latency_budget_ms:g} ms. "
              "Device latency is the target's fitted estimate; host columns are measured on the build machine, "
@@ -61,8 +90,17 @@ def markdown_table(reports: Sequence[dict], target: Target) -> str:
                  format_bytes(e["sram_bytes"]), format_bytes(m["tflm_arena_bytes"]) if "tflm_arena_bytes" in m else "-",
                  format_bytes(e["flash_bytes"]), format_bytes(m["tflite_bytes"]) if "tflite_bytes" in m else "-",
                  f"{e['latency_ms']:.3g}" if e["latency_ms"] is not None else "-",
+                 *([f"{_device(r)['p50_ms']:.3g}" if _device(r) else "-"] if measured else []),
                  *(_host(r, runner) for runner in runners), f"{acc:.1%}" if acc is not None else "-", fits]
         lines.append("| " + " | ".join(cells) + " |")
+    if measured:
+        lines += ["", "Measured on the device (the fits column judges latency by this p50):", "", *_measured_lines(reports)]
+    change = reports[0]["latency"].get("calibrated") if reports else None
+    if change:
+        old, new = change["old"], change["new"]
+        lines += ["", f"Calibrated with `--calibrate`: {change['file']} now has cycles_per_mac {new['cycles_per_mac']:g}, "
+                  f"cycles_per_op {new['cycles_per_op']:g} (was {old['cycles_per_mac']:g}, {old['cycles_per_op']:g}; the old "
+                  "values are in its latency_model.history). The estimates above use the new coefficients."]
     calibration = reports[0]["latency"].get("calibration") if reports else None
     if calibration:
         lines += ["", "Device latency model vs published measurements (error of the estimate; `fit`: fitted to it, "
@@ -85,9 +123,10 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
     rows = with_acc if use_acc else list(reports)
     ys = [(_accuracy(r) * 100 if use_acc else r["estimate"]["macs"] / 1e6) for r in rows]
     ylabel = "accuracy (%)" if use_acc else "MACs (M), no accuracy yet"
+    measured = [(_device(r)["p50_ms"], y, (r["estimate"]["latency_ms"] or 0.0)) for r, y in zip(rows, ys) if _device(r)]
     panels = [("MACs (M)", [r["estimate"]["macs"] / 1e6 for r in rows], None),
-              ("estimated device latency (ms)", [r["estimate"]["latency_ms"] or 0.0 for r in rows],
-               target.latency_budget_ms),
+              ("estimated device latency (ms)" + (", * measured" if measured else ""),
+               [r["estimate"]["latency_ms"] or 0.0 for r in rows], target.latency_budget_ms),
               ("SRAM (KiB)", [r["measured"].get("tflm_arena_bytes", r["estimate"]["sram_bytes"]) / 1024 for r in rows],
                target.memory.ram_bytes / 1024)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -103,6 +142,11 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
                     label="Pareto front")
         if budget is not None:
             ax.axvline(budget, color="black", ls="--", lw=1, label=f"{target.name} budget")
+        if measured and xlabel.startswith("estimated device latency"):  # measured points: a star, tied to the estimate
+            for x_meas, y, x_est in measured:
+                ax.plot([x_est, x_meas], [y, y], color="tab:green", lw=0.8, ls=":")
+            ax.scatter([m[0] for m in measured], [m[1] for m in measured], marker="*", s=110, c="tab:green",
+                       edgecolors="black", linewidths=0.5, zorder=3, label="measured on the device (p50)")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels overlap on short log ranges
         ax.set_xlabel(xlabel)
@@ -110,7 +154,8 @@ def plot(reports: Sequence[dict], target: Target, path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{target.name} ({target.export.precision}): latency is the target's estimate, not a host timing")
+    fig.suptitle(f"{target.name} ({target.export.precision}): latency is the target's estimate, not a host timing"
+                 + ("; stars: measured on the device" if measured else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
