@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A small student trained for one epoch on digits (weights only need to be a real model)."""
+    """A small student trained for one epoch on 256 digits (the weights only need to be a real model's)."""
     run = tmp_path_factory.mktemp("agent") / "run"
     api.train(TrainConfig(run_dir=str(run), data="digits", resolution=32, student="mobilenetv3_small_050",
-                          student_options={"low_res_stem": False}, teacher=None, method="ce", epochs=1, batch_size=64,
+                          student_options={"low_res_stem": False}, teacher=None, method="ce", epochs=1, batch_size=64, limit=256,
                           optim=OptimConfig(lr=0.1, warmup_epochs=0.5), seed=0, checkpoint_interval_s=1e9))
     return run
 
