@@ -152,6 +152,11 @@ def measure(bundle: Path, url: str, token: str, *, runs: int = 100, warmup: int 
         raise EdgekdError(str(e)) from None
     x = reference_inputs(manifest)
     body = protocol.pack(upload_files(bundle, manifest, request, x))
+    # ask first: a wrong token or a cap too small is then a clear answer, not a connection reset mid-upload
+    cap = info(url, token)["agent"]["max_upload_bytes"]
+    if len(body) > cap:
+        raise EdgekdError(f"the upload of {bundle.name} is {len(body):,} bytes and the agent at {url} accepts at most "
+                          f"{cap:,}: start it with a larger --max-upload-mb")
     result = call(url, token, "POST", protocol.PROFILE_PATH, body, busy_retry_s=busy_retry_s)
     ref = result["reference_outputs"]
     device_out = np.asarray(ref["values"], dtype=ref["dtype"])
