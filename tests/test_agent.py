@@ -465,6 +465,46 @@ def test_the_input_pattern_and_hash_match_the_firmwares_arithmetic():
     assert fnv1a32(b"") == 0x811C9DC5 and fnv1a32(b"a") == 0xE40C292C and fnv1a32(b"abc") == 0x1A47E90B
 
 
+HARNESS = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+namespace {
+%s
+}  // namespace
+int main() {
+  static int8_t x[4096];
+  FillPattern(x, sizeof(x), 0x2545F491u);
+  for (size_t i = 0; i < sizeof(x); ++i) printf("%%d%%c", x[i], i + 1 < sizeof(x) ? ',' : '\n');
+  static unsigned char bytes[1000];
+  for (int i = 0; i < 1000; ++i) bytes[i] = static_cast<unsigned char>(i * 7);
+  char line[128];
+  char* p = PutHex32(line, Fnv1a(bytes, 1000));
+  p = Put(p, " ");
+  p = PutU32(p, 4294967295u);
+  const int32_t values[] = {INT32_MIN, -128, -1, 0, 127};
+  for (int32_t v : values) PutI32(Put(p, " "), v), p += __builtin_strlen(p);
+  puts(line);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_the_firmwares_helpers_compute_what_the_host_expects(tmp_path):
+    """The board-independent part of main.cc, compiled with g++ on its own: the input pattern and model hash the
+    host recomputes, and the number formatting of the printed lines."""
+    from edgekd.export.firmware import HELPERS
+
+    (tmp_path / "h.cc").write_text(HARNESS % HELPERS)
+    subprocess.run(["g++", "-std=c++11", "-Wall", "-Wextra", "-Werror", "-pedantic", "h.cc", "-o", "h"], cwd=tmp_path,
+                   check=True, capture_output=True, timeout=120)
+    first, second = subprocess.run([str(tmp_path / "h")], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    assert [int(v) for v in first.split(",")] == pattern(4096).tolist()
+    expected = fnv1a32(bytes((i * 7) & 0xFF for i in range(1000)))
+    assert second.split() == [f"{expected:08x}", "4294967295", "-2147483648", "-128", "-1", "0", "127"]
+
+
 # ----------------------------------------------------------------------- slow: the real int8 export (TFLM, LiteRT)
 
 @pytest.fixture(scope="module")
