@@ -399,23 +399,35 @@ TRANSCRIPT = [  # what the firmware prints, with a boot banner and a reset in be
 ]
 
 
-def play(lines: list[str], delay: float = 0.01):
-    """A pseudo-terminal whose other end writes `lines` (as a board on a USB serial port would)."""
+def play(lines: list[str], delay: float = 0.01, every_s: float = 0.5):
+    """A pseudo-terminal whose other end writes `lines` again and again (as the firmware repeats its benchmark, so
+    the reader may open the port at any time: pyserial drops what arrived before it opened)."""
     master, slave = os.openpty()
     name = os.ttyname(slave)
+    os.set_blocking(master, False)  # nobody reading: output is lost, as on a UART with nothing attached
+    stop = threading.Event()
 
     def writer():
-        time.sleep(0.2)
-        for line in lines:
-            os.write(master, (line + "\r\n").encode())
-            time.sleep(delay)
+        for _ in range(600):  # bounded: at most 600 repetitions
+            for line in lines:
+                if stop.is_set():
+                    return
+                try:
+                    os.write(master, (line + "\r\n").encode())
+                except BlockingIOError:
+                    pass
+                time.sleep(delay)
+            if stop.wait(every_s):
+                return
 
     thread = threading.Thread(target=writer, daemon=True)
+    thread.stop = stop
     thread.start()
     return name, thread, (master, slave)
 
 
 def close(thread, fds):
+    thread.stop.set()
     thread.join(timeout=10)
     assert not thread.is_alive()
     for fd in fds:

@@ -10,6 +10,7 @@ CYCCNT on Cortex-M, the CPU cycle counter on ESP32, a two-function hook elsewher
     EDGEKD-BENCH v1 output values=<q0>,<q1>,...   (int8 output for the pattern input)
     EDGEKD-BENCH v1 end status=ok                 (or: EDGEKD-BENCH v1 error stage=<stage>)
 
+The benchmark repeats every 5 s (EDGEKD_BENCH_REPEAT_S; 0: once), so the host may open the port at any time.
 `edgekd profile --serial PORT` (edgekd/profile/serial_bench.py) reads them, checks the model length and hash
 against the bundle and the output against the host's TFLite Micro for the same pattern. The source has not been
 compiled or run here: no package installable on the development machines ships TFLite Micro's headers.
@@ -162,11 +163,21 @@ _MAIN = """\
 
 #include "{header}"
 
+#if defined(ARDUINO)
+#include <Arduino.h>
+#elif defined(ESP_PLATFORM)
+#include "freertos/FreeRTOS.h"
+#include "freertos/task.h"
+#endif
+
 #ifndef EDGEKD_BENCH_RUNS
 #define EDGEKD_BENCH_RUNS {runs}
 #endif
 #ifndef EDGEKD_BENCH_WARMUP
 #define EDGEKD_BENCH_WARMUP {warmup}
+#endif
+#ifndef EDGEKD_BENCH_REPEAT_S
+#define EDGEKD_BENCH_REPEAT_S 5
 #endif
 // The arena was measured with reference kernels on a 64-bit host; optimised kernels may need scratch on top.
 #ifndef EDGEKD_ARENA_HEADROOM
@@ -239,14 +250,8 @@ void Error(const char* stage) {{
   Emit();
 }}
 
-}}  // namespace
-
-extern "C" void edgekd_benchmark(void) {{
-  tflite::InitializeTarget();
-  CycleCounterStart();
-
-  // which model this is: the host compares length and hash with the bundle's .tflite
-  const uint32_t hash = Fnv1a({sym}_model, {sym}_model_len);
+// One benchmark: the begin line, warm-up, the timed runs, the output, the end line. False after an error.
+bool RunOnce(tflite::MicroInterpreter& interpreter, uint32_t hash) {{
   char* p = Put(line, "{prefix} begin model={stem} model_len=");
   p = PutU32(p, {sym}_model_len);
   p = PutHex32(Put(p, " model_fnv1a="), hash);
@@ -255,28 +260,14 @@ extern "C" void edgekd_benchmark(void) {{
   p = PutU32(Put(p, " runs="), EDGEKD_BENCH_RUNS);
   PutU32(Put(p, " warmup="), EDGEKD_BENCH_WARMUP);
   Emit();
-
-  const tflite::Model* model = tflite::GetModel({sym}_model);
-  if (model->version() != TFLITE_SCHEMA_VERSION) {{
-    Error("schema");
-    return;
-  }}
-  static tflite::MicroMutableOpResolver<{n_ops}> resolver;
-{adds}
-  static tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, sizeof(tensor_arena));
-  if (interpreter.AllocateTensors() != kTfLiteOk) {{
-    Error("allocate");
-    return;
-  }}
   PutU32(Put(line, "{prefix} arena used="), static_cast<uint32_t>(interpreter.arena_used_bytes()));
   Emit();
-
   TfLiteTensor* input = interpreter.input(0);
   FillPattern(input->data.int8, input->bytes, {seed});
   for (int i = 0; i < EDGEKD_BENCH_WARMUP; ++i) {{
     if (interpreter.Invoke() != kTfLiteOk) {{
       Error("invoke");
-      return;
+      return false;
     }}
   }}
   for (int i = 0; i < EDGEKD_BENCH_RUNS; ++i) {{
@@ -285,7 +276,7 @@ extern "C" void edgekd_benchmark(void) {{
     const uint32_t cycles = CycleCount() - start;  // unsigned: correct across one counter wrap
     if (status != kTfLiteOk) {{
       Error("invoke");
-      return;
+      return false;
     }}
     p = PutU32(Put(line, "{prefix} run i="), static_cast<uint32_t>(i));
     PutU32(Put(p, " cycles="), cycles);
@@ -300,12 +291,53 @@ extern "C" void edgekd_benchmark(void) {{
   Emit();
   Put(line, "{prefix} end status=ok");
   Emit();
+  return true;
+}}
+
+// Between repetitions: the platform's sleep where there is one (an RTOS watchdog must not see a busy loop).
+void Pause(uint32_t seconds) {{
+#if defined(ARDUINO)
+  delay(seconds * 1000u);
+#elif defined(ESP_PLATFORM)
+  vTaskDelay(pdMS_TO_TICKS(seconds * 1000u));
+#else
+  for (uint32_t s = 0; s < seconds; ++s) {{
+    const uint32_t start = CycleCount();
+    while (CycleCount() - start < CpuHz()) {{
+    }}
+  }}
+#endif
+}}
+
+}}  // namespace
+
+extern "C" void edgekd_benchmark(void) {{
+  tflite::InitializeTarget();
+  CycleCounterStart();
+  const uint32_t hash = Fnv1a({sym}_model, {sym}_model_len);  // the host compares it with the bundle's .tflite
+
+  const char* failed = nullptr;  // the stage that failed; its error line repeats like a benchmark would
+  const tflite::Model* model = tflite::GetModel({sym}_model);
+  if (model->version() != TFLITE_SCHEMA_VERSION) failed = "schema";
+  static tflite::MicroMutableOpResolver<{n_ops}> resolver;
+{adds}
+  static tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, sizeof(tensor_arena));
+  if (failed == nullptr && interpreter.AllocateTensors() != kTfLiteOk) failed = "allocate";
+  // repeated, so `edgekd profile --serial` can open the port at any time; EDGEKD_BENCH_REPEAT_S=0 runs once
+  for (;;) {{
+    if (failed != nullptr) {{
+      Error(failed);
+    }} else if (!RunOnce(interpreter, hash)) {{
+      failed = "invoke";
+    }}
+    if (EDGEKD_BENCH_REPEAT_S == 0) return;
+    Pause(EDGEKD_BENCH_REPEAT_S);
+  }}
 }}
 
 // Entry points: Arduino runs setup(); ESP-IDF runs app_main(); elsewhere main(), unless the project has its own
 // (STM32Cube: define EDGEKD_NO_MAIN and call edgekd_benchmark() after the clock and UART are set up).
 #if defined(ARDUINO)
-#include <Arduino.h>
 void setup() {{
   Serial.begin(115200);
   while (!Serial) {{
@@ -346,6 +378,8 @@ Common to every build:
 - The timer: Cortex-M3/M4/M7/M33/M55 use the DWT cycle counter and CMSIS `SystemCoreClock` (define
   `EDGEKD_CPU_HZ=...` if your port has none); ESP32 uses `esp_cpu_get_cycle_count()` and
   `CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ`; any other core needs `edgekd_cycle_count()` and `edgekd_cpu_hz()` from you.
+- The benchmark repeats every 5 s, so `edgekd profile --serial` can be started at any time (it takes the first
+  complete run after it opened the port); `-DEDGEKD_BENCH_REPEAT_S=0` runs it once.
 - Options: `-DEDGEKD_BENCH_RUNS=N`, `-DEDGEKD_BENCH_WARMUP=N`, `-DEDGEKD_ARENA_HEADROOM=BYTES`,
   `-DEDGEKD_ARENA_SECTION='__attribute__((section(".axisram")))'` (put the arena in a given RAM).
 - The clock printed as `cpu_hz` (expected {cpu_hz}) turns cycles into milliseconds: check it matches your clock tree.
@@ -363,7 +397,7 @@ Common to every build:
 1. Install a TFLite Micro library for your board (for example Chirale_TensorFlowLite from the Library Manager).
 2. Make a sketch folder `edgekd_bench/` with an empty `edgekd_bench.ino`, `main.cc`, `{header}` and `{stem}.cc`
    (change `#include "{header}"` if you keep the header elsewhere).
-3. Upload and open the serial port at 115200 baud; `setup()` runs the benchmark once and prints to `Serial`.
+3. Upload; `setup()` runs the benchmark (repeating) and prints to `Serial` at 115200 baud.
 
 ## ESP-IDF (ESP32-S3)
 1. `idf.py create-project edgekd_bench`, then `idf.py add-dependency "espressif/esp-tflite-micro"` (brings ESP-NN).

@@ -142,7 +142,7 @@ def host_output(artifact: Path, manifest: dict) -> np.ndarray:
     from ..export import tflm
 
     shape = [int(d) for d in manifest["input"]["shape"]]
-    x = pattern(int(np.prod(shape))).reshape(1, 1, *shape)
+    x = pattern(int(np.prod(shape))).reshape(1, *shape)  # one input of the model's shape (batch 1)
     arena = manifest.get("tflm", {}).get("arena_bytes") or tflm.LARGE_ARENA
     run = tflm.run(artifact, arena + 4096, x)
     if not run.ok or run.outputs is None:
