@@ -137,6 +137,14 @@ def test_measures_on_loopback_and_agrees_with_the_host(agent, onnx_bundle, sandb
     assert_clean(agent, sandbox, before)
 
 
+def test_throughput_at_a_batch(agent, run_dir, tmp_path):
+    dynamic = api.export(run_dir, format="onnx", dynamic_batch=True, out_dir=tmp_path, verify_images=64).bundle
+    m = device.measure(dynamic, agent.url, TOKEN, runs=10, batch=4, min_seconds=0.0)
+    assert m["batch"] == 4 and m["agreement"]["agrees"] and m["runs"] >= 10
+    # images per second over the timed calls: 4 per call, so above 4 / the slowest call and below 4 / the fastest
+    assert 4e3 / m["p99_ms"] * 0.5 < m["throughput_per_s"] <= 4e3 / m["min_ms"]
+
+
 def test_info_needs_the_token(agent):
     head = f"GET {protocol.INFO_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     assert raw_request(agent, head + "\r\n") == (401, {"error": "missing token: send the header 'Authorization: "

@@ -267,7 +267,7 @@ def time_runs(fn, x, warmup: int, runs: int, min_seconds: float) -> list[float]:
 
 
 def _reference(job_dir: Path, manifest: dict) -> np.ndarray:
-    shape = [int(d) for d in manifest["input"]["shape"]]
+    shape = [1, *(int(d) for d in manifest["input"]["shape"][1:])]  # the batch dimension may be symbolic
     dtype = np.dtype(manifest["input"]["dtype"])
     path = job_dir / "reference_input.npy"
     if not path.exists():

@@ -95,8 +95,9 @@ def validate_manifest(data) -> dict:
     inp = data.get("input")
     need(isinstance(inp, dict), "input section missing")
     shape = inp.get("shape")
-    need(isinstance(shape, list) and 2 <= len(shape) <= 6 and all(isinstance(d, int) and 0 < d <= 1 << 16 for d in shape),
-         "input.shape must be a list of 2 to 6 positive integers")
+    need(isinstance(shape, list) and 2 <= len(shape) <= 6 and all(isinstance(d, int) and 0 < d <= 1 << 16 for d in shape[1:])
+         and (isinstance(shape[0], int) and shape[0] > 0 or isinstance(shape[0], str)),
+         "input.shape must be a list of 2 to 6 positive integers (the first may be a symbolic batch)")
     need(inp.get("dtype") in ("float32", "float16", "int8", "uint8"), "input.dtype must be float32, float16, int8 or uint8")
     return data
 

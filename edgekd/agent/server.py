@@ -83,6 +83,7 @@ class Agent:
         self._lock = threading.Lock()
         self.httpd = _Server((host, port), _Handler, self, max_connections, socket_timeout_s)
         self.host, self.port = self.httpd.server_address[:2]
+        self._serving = False
         self._worker = threading.Thread(target=self._work, name="edgekd-agent-worker", daemon=True)
         self._worker.start()
 
@@ -93,16 +94,20 @@ class Agent:
         return f"http://{host}:{self.port}"
 
     def serve_forever(self) -> None:
+        self._serving = True
         self.httpd.serve_forever(poll_interval=0.2)
 
     def start(self) -> threading.Thread:
         """Serve in a background thread (tests, tools); stop with shutdown()."""
-        thread = threading.Thread(target=self.serve_forever, name="edgekd-agent-http", daemon=True)
+        self._serving = True  # before the thread runs: a shutdown() right away must still stop it
+        thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name="edgekd-agent-http", daemon=True)
         thread.start()
         return thread
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        self.httpd.shutdown()
+        if self._serving:  # socketserver's shutdown() waits forever for a loop that never ran
+            self.httpd.shutdown()
         self.httpd.server_close()
         try:
             self.jobs.put(None, timeout=timeout_s)  # the worker's stop signal, after the jobs already queued

@@ -31,7 +31,7 @@ def reference_inputs(manifest: dict, n: int = REFERENCE_INPUTS, seed: int = 0) -
     """`n` seeded random images (uniform pixels) in the artifact's input encoding: normalised floats in its layout,
     or int8 through the manifest's pixel -> int8 map."""
     inp = manifest["input"]
-    shape = [int(d) for d in inp["shape"]]
+    shape = [1, *(int(d) for d in inp["shape"][1:])]  # the batch dimension may be symbolic (--dynamic-batch)
     nhwc = inp.get("layout") == "NHWC"
     channels = shape[3] if nhwc else shape[1]
     pixels = np.random.default_rng(seed).integers(0, 256, size=(n, *shape[1:])).astype(np.float64)
