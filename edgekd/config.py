@@ -60,7 +60,7 @@ class TrainConfig:
     # the teacher is trained and queried at this resolution (>= the student's); the student gets the same
     # augmented view resized to its own. None: the student's resolution
     teacher_resolution: int | None = None
-    # cached teacher outputs (logits, and the tapped feature maps of methods that declare teacher_taps):
+    # cached teacher outputs (logits, and the feature maps a method's teacher_needs tap):
     # see edgekd/distill/teacher_outputs.py
     teacher_cache: str = "auto"  # auto (memory if within budget, else live) | memory | disk | off
     teacher_cache_dir: str | None = None  # disk caches; default ~/.cache/edgekd/teacher-outputs
