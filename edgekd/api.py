@@ -240,7 +240,7 @@ def _validated(config: TrainConfig, resume: bool):
         raise EdgekdError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --run-dir")
     resolved = resolve(config)
     method_cls = METHODS.get(config.method)
-    options = method_cls.Options.from_strings(config.method_options)
+    options = method_cls.Options.from_strings(config.method_options, config.method)
     method_cls.check_epochs(options, config.epochs)  # a multi-phase method's budget fails before the teacher trains
     if method_cls.requires_teacher and not config.teacher:
         raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")

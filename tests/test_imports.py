@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgekd"
 # lowest first; a module belongs to the entry with the longest matching prefix, and imports only from its own
 # layer or the ones before it. A new top-level module must be placed here.
 LAYERS: list[tuple[str, ...]] = [
-    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed"),  # foundation
+    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed", "edgekd.validate"),  # foundation
     ("edgekd.data",),
     ("edgekd.models",),
     ("edgekd.config",),  # TrainConfig validates model edits and init schemes (edgekd.models)

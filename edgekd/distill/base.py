@@ -7,13 +7,14 @@ zoo models are never edited. What the trainer serves from the teacher is declare
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..validate import build
 from .features import run_with_taps
 from .phase import Phase
 from .step import LOGITS, Step, TeacherNeeds
@@ -38,38 +39,10 @@ class MethodOptions:
     """Base for a method's options; subclasses are frozen dataclasses with typed defaults from the paper."""
 
     @classmethod
-    def from_strings(cls, items: dict[str, Any]) -> "MethodOptions":
-        """Builds options from `key=value` strings (CLI) or typed values (YAML/API), strictly."""
-        import difflib
-
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, raw in items.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                options = ", ".join(known) or "none"
-                raise EdgekdError(f"unknown method option '{key}'{hint} (options: {options})")
-            values[key] = _coerce(key, raw, known[key].type)
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, type_name: Any) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if kind == "float":
-            return float(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "bool":
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(raw)
-            return raw.lower() in {"true", "1", "yes"}
-    except ValueError:
-        raise EdgekdError(f"method option {key}={raw!r} is not a valid {kind}") from None
-    return raw
+    def from_strings(cls, items: dict[str, Any], method: str = "") -> "MethodOptions":
+        """Builds options from `key=value` strings (CLI) or typed values (YAML/API), strictly (validate.py);
+        `method` names the method in errors."""
+        return build(cls, items, context=method, noun="method option", parse_strings=True)
 
 
 class Distiller(nn.Module):
