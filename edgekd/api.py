@@ -18,6 +18,7 @@ from .data.datamodule import DataModule, load_data
 from .data.imageset import ConcatImageSet
 from .distill import METHODS, Distiller
 from .distill.phase import Phase
+from .distill.step import LOGITS, combined_needs
 from .distill.teacher_outputs import (TEACHER_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
                                       images_fingerprint, state_fingerprint)
 from .distributed import barrier, init_distributed, shutdown
@@ -56,8 +57,9 @@ def resolve(config: TrainConfig) -> Resolved:
         raise EdgekdError(f"--teacher-resolution {teacher_resolution} is below the student's {resolution} px: the "
                           "teacher's view is resized down to the student's, so pass a value >= "
                           f"{resolution} (or leave it out)")
-    if teacher_resolution != resolution and (not method.teacher_logits_only or config.student_edit):
-        logit_methods = [name for name in METHODS.names() if METHODS.get(name).teacher_logits_only]
+    # methods whose every phase takes only the logits say so at class level (teacher_needs = LOGITS)
+    if teacher_resolution != resolution and (method.teacher_needs != LOGITS or config.student_edit):
+        logit_methods = [name for name in METHODS.names() if METHODS.get(name).teacher_needs == LOGITS]
         raise EdgekdError(f"--teacher-resolution needs a method that takes only the teacher's logits "
                           f"({', '.join(logit_methods)}); '{config.method}' taps teacher features at the student's "
                           "resolution")
@@ -282,7 +284,7 @@ def _validated(config: TrainConfig, resume: bool):
         raise EdgekdError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --run-dir")
     resolved = resolve(config)
     method_cls = METHODS.get(config.method)
-    options = method_cls.Options.from_strings(config.method_options)
+    options = method_cls.Options.from_strings(config.method_options, config.method)
     method_cls.check_epochs(options, config.epochs)  # a multi-phase method's budget fails before the teacher trains
     if method_cls.requires_teacher and not config.teacher:
         raise EdgekdError(f"method '{config.method}' needs a teacher: pass --teacher MODEL_OR_CHECKPOINT (or --method ce)")
@@ -349,16 +351,22 @@ def _build(config: TrainConfig, resolved: Resolved, method_cls, options, runtime
 
 def _teacher_views(run: _Run, runtime: Runtime, console) -> tuple[TeacherOutputs | None, int, TrainViews]:
     """The teacher outputs the trainer serves (cache + fast runner) and how the student's batches are made."""
-    config, distiller, teacher = run.config, run.distiller, run.teacher
+    config, teacher = run.config, run.teacher
     views = TrainViews(randaug=config.randaug, mix=config.mix, with_unlabeled=run.data.unlabeled is not None)
-    if teacher is not None and (distiller.teacher_logits_only or distiller.teacher_taps):
+    served = [p for p in run.phases if p.distiller.teacher_needs is not None]
+    say = console is not None and runtime.dist.is_main
+    if teacher is not None and served:
         if run.teacher_data is not None:
             views = dataclasses.replace(views, teacher_data=run.teacher_data,
                                         teacher_norm=_teacher_normalisation(run.teacher_info, run.teacher_data))
+        needs = combined_needs(p.distiller.teacher_needs for p in served)
         outputs, variants = _teacher_outputs(config, run.teacher_data or run.data, runtime, teacher, console,
-                                             distiller.teacher_taps, views, run.resolved)
+                                             max(p.epochs for p in served), needs.taps, views, run.resolved)
+        live = [p.name for p in run.phases if p.distiller.teacher_needs is None]
+        if live and say:
+            console.print(f"method {config.method}: phase(s) {', '.join(live)} run the teacher live (no cache)")
         return outputs, variants, views
-    if teacher is not None and console is not None and runtime.dist.is_main:
+    if teacher is not None and say:
         console.print(f"method {config.method} needs live teacher internals: the teacher runs every step (no cache)")
     return None, 0, views
 
@@ -474,14 +482,15 @@ def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainCon
 
 
 def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
-                     console, taps: tuple[str, ...] = (), views: TrainViews | None = None,
+                     console, epochs: int, taps: tuple = (), views: TrainViews | None = None,
                      resolved: Resolved | None = None) -> tuple[TeacherOutputs, int]:
     """The fast teacher runner, plus the cache of its logits (and tapped features) unless it is off or (auto)
-    over budget. `data` holds the images the teacher sees (at its resolution)."""
+    over budget. `data` holds the images the teacher sees (at its resolution); `epochs`, of the longest phase it
+    serves, is the default number of augmentation variants kept per image."""
     runner = TeacherRunner(teacher, runtime.device, fold_bn=config.teacher_fold_bn,
                            autocast=config.teacher_autocast, compile=config.teacher_compile, taps=taps)
     augmenting = config.augment and data.augment is not None
-    variants = (config.teacher_cache_variants or config.epochs) if augmenting else 0
+    variants = (config.teacher_cache_variants or epochs) if augmenting else 0
     if config.teacher_cache == "off":
         return TeacherOutputs(runner, None), variants
     views = views or TrainViews()

@@ -8,3 +8,7 @@ class EdgekdError(Exception):
         if "\n" in message:
             raise ValueError("EdgekdError messages must be one line")
         super().__init__(message)
+
+
+class ValidationError(EdgekdError):
+    """A key or value that does not fit its dataclass (configs, targets, method and model options; validate.py)."""

@@ -1,10 +1,10 @@
 """Name -> object registries (models, distillers, ...). No global mutable state beyond registration at import."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import EdgekdError
+from .validate import did_you_mean
 
 T = TypeVar("T")
 
@@ -33,8 +33,7 @@ class Registry(Generic[T]):
             raise EdgekdError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._items), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, self._items)
         tail = f" ({self.list_hint})" if self.list_hint else ""
         return f"unknown {self.kind} '{name}'{hint}{tail}"
 

@@ -590,7 +590,7 @@ def test_profile_serial_stores_the_board_and_calibrates_the_target(int8_bundle, 
     from edgekd.targets import load_target
 
     lm = load_target("cortex-m7").latency_model
-    assert lm.history[0]["cycles_per_mac"] == 3.528 and lm.cycles_per_mac != 3.528
+    assert lm.history[0].cycles_per_mac == 3.528 and lm.cycles_per_mac != 3.528
     fit = [r for r in lm.references if r.role == "fit"]
     assert len(fit) == 1 and fit[0].model == "mobilenetv3_small_050" and fit[0].clock_hz == 480_000_000
     assert report["estimate"]["latency_ms"] == pytest.approx(m["p50_ms"], rel=0.15)  # the new estimate is near it

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from edgekd.distill import METHODS, kd_loss
 from edgekd.distill.features import run_with_taps
 from edgekd.distill.kd import HintonKD, KDOptions
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 
@@ -30,7 +31,7 @@ def test_hinton_kd_mixes_soft_and_hard_terms():
     opts = KDOptions(temperature=3.0, alpha=0.7)
     distiller = HintonKD(student, teacher, opts).train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    out = distiller(x, y)
+    out = distiller(Step(x, y))
     with torch.no_grad():
         s, t = student(x), teacher(x)
     expected = 0.7 * kd_loss(s, t, 3.0) + 0.3 * F.cross_entropy(s, y)
@@ -46,7 +47,7 @@ def test_teacher_stays_frozen_in_eval_mode_and_gets_no_gradient():
     assert not distiller.teacher.training and all(not m.training for m in distiller.teacher.modules())
     assert distiller.student.training
     running = [m.running_mean.clone() for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    out = distiller(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    out = distiller(Step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))))
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ from edgekd.distill.dist import dist_loss
 from edgekd.distill.dkd import dkd_loss
 from edgekd.distill.kd import kd_loss, standardize_logits
 from edgekd.distill.labels import label_loss
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import model_payload, read_checkpoint, save_atomic
@@ -217,10 +218,10 @@ def test_cached_fm_gives_the_live_loss_and_gradients(digits32):
     cached = outputs.logits(batch.x, batch.index, batch.variant)  # hit
     assert outputs.cache.total_hits == len(batch.index)
 
-    def loss_and_grads(**kw):
+    def loss_and_grads(teacher_logits=None):
         student.zero_grad()
         state = {k: v.clone() for k, v in student.state_dict().items()}
-        out = fm(batch.x, batch.y, mix=batch.mix, **kw)
+        out = fm(Step(batch.x, batch.y, y_partner=batch.y_partner, lam=batch.lam, teacher_logits=teacher_logits))
         out.loss.backward()
         student.load_state_dict(state)
         return out.loss.detach(), [p.grad.clone() for p in student.parameters()]

@@ -23,6 +23,7 @@ from edgekd.distill.multiphase import MultiPhaseDistiller, split_epochs
 from edgekd.distill.nst import _mean_kernel, nst_loss
 from edgekd.distill.rkd import rkd_angle_loss, rkd_distance_loss
 from edgekd.distill.sskd import stage_loss
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import load_model, read_checkpoint
@@ -60,12 +61,12 @@ def drive(phase, x, y, steps=0, lr=0.05):
     first = None
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        out = d(x, y)
+        out = d(Step(x, y))
         out.loss.backward()
         opt.step()
         first = out.loss.item() if first is None else first
     with torch.no_grad():
-        last = d(x, y).loss.item()
+        last = d(Step(x, y)).loss.item()
     return (first if first is not None else last), last
 
 
@@ -122,7 +123,7 @@ def test_feature_terms_vanish_when_the_teacher_is_the_student(method):
             d = d.phases(8, OptimConfig())[0].distiller  # the feature-matching phase
         d.eval()
         with torch.no_grad():
-            out = d(x, y)
+            out = d(Step(x, y))
         names = terms.get(method, [k for k in out.terms if k != "ce"])
         values.append(sum(out.terms[k].item() for k in names))
     assert values[0] == pytest.approx(0.0, abs=1e-5)
@@ -150,7 +151,7 @@ def test_layer_pairs_resolve_and_every_feature_method_runs_for_each_family_pair(
         d = build(method, student, teacher)
         for phase in d.phases(8, OptimConfig()):
             with torch.no_grad():
-                out = phase.distiller.train()(x, y)
+                out = phase.distiller.train()(Step(x, y))
             assert torch.isfinite(out.loss), (method, phase.name)
 
 
@@ -160,7 +161,7 @@ def test_mixed_stems_pair_from_the_deepest_and_resize():
     assert d.pairs[-1] == ("conv_head", "layer4")
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     for phase in d.phases(8, OptimConfig()):
-        assert torch.isfinite(phase.distiller.train()(x, y).loss)
+        assert torch.isfinite(phase.distiller.train()(Step(x, y)).loss)
 
 
 def test_layer_options_override_either_side_and_fail_clearly():
@@ -214,7 +215,7 @@ def test_gradients_reach_exactly_the_phase_parameters(method):
         drive(phase, x, y)
         for p in d.parameters():
             p.grad = None
-        phase.distiller(x, y).loss.backward()
+        phase.distiller(Step(x, y)).loss.backward()
         got = {id(p) for p in d.parameters() if p.grad is not None}
         assert got == {id(p) for p in phase.trainable}, phase.name
         if d.teacher is not None:
@@ -314,13 +315,13 @@ def test_sskd_stages_use_no_labels_and_the_head_uses_only_labels(digits32):
     for name in ("stage1", "stage3"):
         view = phases[name].eval()
         with torch.no_grad():
-            assert view(x, y).loss.item() == view(x, shuffled).loss.item()
-            assert view(x, y).loss.item() == view(x, torch.zeros_like(y)).loss.item()
+            assert view(Step(x, y)).loss.item() == view(Step(x, shuffled)).loss.item()
+            assert view(Step(x, y)).loss.item() == view(Step(x, torch.zeros_like(y))).loss.item()
     drive(d.phases(10, OptimConfig())[-1], x, y, steps=3)  # a classifier off its near-zero init
     calls.clear()
     head = phases["head"].eval()
     with torch.no_grad():
-        assert head(x, y).loss.item() != head(x, shuffled).loss.item()
+        assert head(Step(x, y)).loss.item() != head(Step(x, shuffled)).loss.item()
     assert calls == []  # the head phase never runs the teacher
     handle.remove()
 
@@ -339,7 +340,7 @@ def _assert_plain_zoo_model(model, name):
 def test_dml_peers_and_byot_exits_export_as_plain_students(digits32):
     x, y = real_batch(digits32, 8)
     dml = build("dml", peers="3")
-    dml(x, y).loss.backward()
+    dml(Step(x, y)).loss.backward()
     assert dml.student_for_export() is dml.student
     assert len(dml.peer_models()) == 3 and len(dml.extra_parameters()) == 2 * len(list(dml.student.parameters()))
     for peer in dml.peer_models():
@@ -347,7 +348,7 @@ def test_dml_peers_and_byot_exits_export_as_plain_students(digits32):
     mixed = build("dml", peer_model="mcunet_tiny")
     _assert_plain_zoo_model(mixed.peer_models()[1], "mcunet_tiny")
     byot = build("byot")
-    byot(x, y).loss.backward()
+    byot(Step(x, y)).loss.backward()
     exported = byot.student_for_export()
     _assert_plain_zoo_model(exported, STUDENT)
     assert len(byot.exits) == 3 and not any(k.startswith("exits") for k in exported.state_dict())

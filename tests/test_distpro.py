@@ -11,6 +11,7 @@ from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill import METHODS
 from edgekd.distill.distpro import biased_softmax, interpolate_process
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 
@@ -79,7 +80,7 @@ def test_clipped_pathways_are_not_computed():
     d._retrain_steps = 3
     weights, active = d.retrain_weights()
     assert active == list(range(10, len(d.pathways)))
-    out = d.forward_phase("retrain", torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out = d.forward_phase("retrain", Step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))))
     assert calls[:10] == [0] * 10 and all(c == 1 for c in calls[10:])
     assert out.terms["pathways"] == len(d.pathways) - 10 and weights.shape == (len(d.pathways),)
 

@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edgekd"
 # layer or the ones before it. A new top-level module must be placed here.
 LAYERS: list[tuple[str, ...]] = [
     # foundation; edgekd.agent runs on devices: standard library + numpy, it imports nothing else of edgekd
-    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed", "edgekd.agent"),
+    ("edgekd", "edgekd.errors", "edgekd.registry", "edgekd.resources", "edgekd.distributed", "edgekd.validate",
+     "edgekd.agent"),
     ("edgekd.data",),
     ("edgekd.models",),
     ("edgekd.config",),  # TrainConfig validates model edits and init schemes (edgekd.models)

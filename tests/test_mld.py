@@ -9,6 +9,7 @@ from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill import METHODS
 from edgekd.distill.mld import masked_l1
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import read_checkpoint
@@ -51,7 +52,7 @@ def test_mask_training_lowers_its_objective():
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     losses = []
     for _ in range(8):
-        loss = d.forward_phase("masks", x, y).loss
+        loss = d.forward_phase("masks", Step(x, y)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -68,7 +69,7 @@ def test_local_phase_trains_only_the_student_groups_and_adapters():
     assert not trainable & head and not trainable & {id(p) for p in d.teacher.parameters()}
     assert not trainable & {id(p) for p in d.masks.parameters()}
     assert {id(p) for p in d.to_teacher.parameters()} <= trainable
-    out = phases["local"].distiller(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out = phases["local"].distiller(Step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))))
     out.loss.backward()
     assert all(p.grad is None for p in d.teacher.parameters()) and all(p.grad is None for p in d.masks.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.blocks.parameters())
@@ -78,8 +79,8 @@ def test_local_phase_trains_only_the_student_groups_and_adapters():
 def test_label_refinery_finetune_matches_the_teacher_softmax_without_labels():
     d = mld(finetune="label_refinery").eval()  # no dropout: two forwards must agree
     x = torch.randn(4, 3, 32, 32)
-    out_a = d.forward_phase("kd", x, torch.zeros(4, dtype=torch.long))
-    out_b = d.forward_phase("kd", x, torch.full((4,), 7))
+    out_a = d.forward_phase("kd", Step(x, torch.zeros(4, dtype=torch.long)))
+    out_b = d.forward_phase("kd", Step(x, torch.full((4,), 7)))
     assert out_a.loss.item() == pytest.approx(out_b.loss.item())  # labels are not used
     with torch.no_grad():
         p_t = torch.softmax(d.teacher(x), 1)
@@ -97,7 +98,7 @@ def test_breakpoints_resolve_for_each_family(student):
     assert len(d.student_points) == len(d.teacher_points) == len(d.masks) == 3
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     for phase in ("masks", "local", "kd"):
-        assert torch.isfinite(d.forward_phase(phase, x, y).loss)
+        assert torch.isfinite(d.forward_phase(phase, Step(x, y)).loss)
 
 
 def test_resnet34_to_resnet18_maps_several_teacher_blocks_to_one_student_group():

@@ -112,7 +112,10 @@ def test_unknown_model_suggests():
 def test_unknown_option():
     with pytest.raises(EdgekdError) as err:
         create_model("resnet18", 10, width=0.5)
-    assert str(err.value) == "model 'resnet18' has no option 'width' (options: dropout, low_res_stem, width_mult)"
+    assert str(err.value) == "resnet18: unknown model option 'width'; did you mean 'width_mult'?"
+    with pytest.raises(EdgekdError) as err:
+        create_model("resnet18", 10, zzz=1)
+    assert str(err.value) == "resnet18: unknown model option 'zzz'; remove it (allowed: width_mult, low_res_stem, dropout)"
 
 
 def test_bad_values():

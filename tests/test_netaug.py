@@ -10,6 +10,7 @@ import torch
 from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill import METHODS
+from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import read_checkpoint
@@ -69,7 +70,7 @@ def test_one_step_updates_the_shared_weights_the_base_uses():
     before = {k: v.detach().clone() for k, v in d.shared.items()}
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    out = d(x, y)
+    out = d(Step(x, y))
     assert set(out.terms) >= {"base", "augmented", "width", "expand"}
     out.loss.backward()
     opt.step()
@@ -89,7 +90,7 @@ def test_augmentation_stops_for_the_last_part_of_training():
     seen = []
     for epoch in range(4):
         d.on_epoch_start(epoch, 4, opt)
-        seen.append("augmented" in d(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).terms)
+        seen.append("augmented" in d(Step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))).terms)
     assert seen == [True, True, False, False]
 
 
@@ -102,7 +103,7 @@ def test_channel_sorting_keeps_the_function_and_moves_important_channels_first()
             value.add_(torch.randn_like(value) * 0.05)
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1, momentum=0.9)
     d.train()
-    d(x, torch.tensor([0, 1])).loss.backward()
+    d(Step(x, torch.tensor([0, 1]))).loss.backward()
     opt.step()
     d.eval()
     with torch.no_grad():

@@ -234,9 +234,9 @@ def test_student_auto_needs_a_target(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r: r.pop("source"), "must have exactly the keys"),
-    (lambda r: r.update(role="train"), "role must be fit or check"),
-    (lambda r: r.update(latency_ms=-1), "latency_ms must be a positive float"),
+    (lambda r: r.pop("source"), r"missing key 'latency_model.references\[0\].source'"),
+    (lambda r: r.update(role="train"), r"'latency_model.references\[0\].role' is 'train', must be one of fit, check"),
+    (lambda r: r.update(latency_ms=-1), r"'latency_model.references\[0\].latency_ms' must be a positive number"),
 ])
 def test_latency_references_are_validated(change, message):
     import copy

@@ -9,7 +9,9 @@ import torch
 
 from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
+from edgekd.distill import METHODS
 from edgekd.distill.kd import HintonKD, KDOptions
+from edgekd.distill.step import LOGITS, Step
 from edgekd.distill.teacher_outputs import TeacherCache, TeacherOutputs, TeacherRunner, state_fingerprint
 from edgekd.models import create_model
 from edgekd.models.fold import fold_batchnorm
@@ -40,30 +42,66 @@ def _pair():
     return student, teacher
 
 
-def test_cached_and_live_kd_give_identical_loss_and_gradients(digits32):
-    student, teacher = _pair()
-    distiller = HintonKD(student, teacher, KDOptions()).train()
-    # the same numerics as the distiller's own teacher forward, so "identical" can be asserted bitwise
+def _batch(digits32):
+    return next(digits32.loader("train", 16, augment=False, shuffle=True).iterate_batches())
+
+
+def _cached_logits(teacher, digits32, batch):
+    """The teacher's logits for `batch` as the cache serves them (a hit), from a runner with the numerics of the
+    distiller's own teacher forward (no folding, NCHW), so cached and live can be compared bitwise."""
     runner = TeacherRunner(teacher, torch.device("cpu"), fold_bn=False, channels_last=False)
     cache = TeacherCache({"test": 1}, len(digits32.train), 1, 10)
     outputs = TeacherOutputs(runner, cache)
-    batch = next(digits32.loader("train", 16, augment=False, shuffle=True).iterate_batches())
     outputs.logits(batch.x, batch.index, batch.variant)  # fills the cache (miss)
     cached = outputs.logits(batch.x, batch.index, batch.variant)  # served from the cache (hit)
-    assert cache.stats()["hits"] == 16 and cache.stats()["misses"] == 16
+    assert cache.stats()["hits"] == len(batch.x) and cache.stats()["misses"] == len(batch.x)
+    return cached
 
-    def loss_and_grads(**kw):
-        student.zero_grad()
-        state = {k: v.clone() for k, v in student.state_dict().items()}
-        out = distiller(batch.x, batch.y, **kw)
-        out.loss.backward()
-        student.load_state_dict(state)  # undo the BatchNorm statistics update of this forward
-        return out.loss.detach(), [p.grad.clone() for p in student.parameters()]
 
-    live_loss, live_grads = loss_and_grads()
-    cached_loss, cached_grads = loss_and_grads(teacher_logits=cached)
-    assert torch.equal(live_loss, cached_loss)
-    assert all(torch.equal(a, b) for a, b in zip(live_grads, cached_grads))
+def _loss_and_grads(distiller, student, step):
+    student.zero_grad()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    out = distiller(step)
+    out.loss.backward()
+    student.load_state_dict(state)  # undo the BatchNorm statistics update of this forward
+    return out.loss.detach(), [p.grad.clone() for p in student.parameters()]
+
+
+def _assert_identical(live, cached):
+    assert torch.equal(live[0], cached[0])
+    assert all(torch.equal(a, b) for a, b in zip(live[1], cached[1]))
+
+
+def test_cached_and_live_kd_give_identical_loss_and_gradients(digits32):
+    student, teacher = _pair()
+    distiller = HintonKD(student, teacher, KDOptions()).train()
+    batch = _batch(digits32)
+    cached = _cached_logits(teacher, digits32, batch)
+    _assert_identical(_loss_and_grads(distiller, student, Step(batch.x, batch.y)),
+                      _loss_and_grads(distiller, student, Step(batch.x, batch.y, teacher_logits=cached)))
+
+
+@pytest.mark.parametrize("method, served", [
+    ("kd", {"kd": LOGITS}), ("ce", {"ce": None}), ("fitnet", {"hint": None, "kd": LOGITS}),
+    ("ab", {"ab": None, "kd": LOGITS}), ("mld", {"masks": None, "local": None, "kd": LOGITS}),
+    ("sskd", {"stage1": None, "stage2": None, "stage3": None, "stage4": None, "head": None}),
+])
+def test_every_phase_declares_what_the_trainer_serves_it_from_the_teacher(method, served):
+    student, teacher = _pair()
+    cls = METHODS.get(method)
+    phases = cls(student, teacher if cls.requires_teacher else None, cls.Options()).phases(10, OptimConfig())
+    assert {p.name: p.distiller.teacher_needs for p in phases} == served
+
+
+@pytest.mark.parametrize("method", ["fitnet", "ab", "mld"])
+def test_the_kd_phase_of_a_multiphase_method_gives_the_live_loss_from_cached_logits(method, digits32):
+    student, teacher = _pair()
+    cls = METHODS.get(method)
+    kd = cls(student, teacher, cls.Options()).phases(8, OptimConfig())[-1].distiller.train()
+    batch = _batch(digits32)
+    cached = _cached_logits(teacher, digits32, batch)
+    _assert_identical(_loss_and_grads(kd, student, Step(batch.x, batch.y)),
+                      _loss_and_grads(kd, student, Step(batch.x, batch.y, teacher_logits=cached)))
 
 
 def test_replayed_augmentation_parameters_reproduce_the_student_input(digits32):
@@ -132,66 +170,58 @@ def test_cache_over_budget_is_an_error_naming_the_fix():
         TeacherCache({}, 1_000_000, 100, 1000, memory_budget_bytes=1 << 20)
 
 
-def test_training_with_the_cache_equals_training_without_it(tmp_path, digits32):
-    """Deterministic inputs: a cached run ends with exactly the weights of a live run, and hits from epoch 2."""
+def _cached_run_equals_live_run(tmp_path, digits32, **config) -> list[dict]:
+    """Trains without and with the cache (deterministic inputs), asserts both end with exactly the same student
+    (the cache returns exactly what the runner computed) and returns the cached run's epoch records."""
     teacher_file = tmp_path / "teacher.pt"
     torch.manual_seed(1)
     save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
     common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
-                  method="kd", epochs=2, batch_size=64, augment=False, limit=512, teacher_fold_bn=False,
-                  optim=OptimConfig(lr=0.05), checkpoint_interval_s=1e9)
+                  batch_size=64, augment=False, optim=OptimConfig(lr=0.05), checkpoint_interval_s=1e9, **config)
     live = api.train(TrainConfig(run_dir=str(tmp_path / "live"), teacher_cache="off", **common))
     cached = api.train(TrainConfig(run_dir=str(tmp_path / "cached"), teacher_cache="memory", **common))
     a = read_checkpoint(Path(live["run_dir"]) / "last.pt")["student"]
     b = read_checkpoint(Path(cached["run_dir"]) / "last.pt")["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_with_the_cache_equals_training_without_it(tmp_path, digits32):
+    epochs = _cached_run_equals_live_run(tmp_path, digits32, method="kd", epochs=2, limit=512, teacher_fold_bn=False)
     assert epochs[0]["teacher_cache"]["hit_rate"] == 0.0 and epochs[1]["teacher_cache"]["hit_rate"] == 1.0
 
 
-def test_cached_teacher_features_give_the_live_attention_transfer_loss_and_gradients(digits32):
-    from edgekd.distill import METHODS
+def test_the_kd_phase_of_fitnet_is_served_from_the_cache(tmp_path, digits32):
+    epochs = _cached_run_equals_live_run(tmp_path, digits32, method="fitnet", method_options={"hint_epochs": 1},
+                                         epochs=3, limit=256, teacher_fold_bn=False)
+    assert [e["phase"] for e in epochs] == ["hint", "kd", "kd"]
+    assert "teacher_cache" not in epochs[0]  # the hint phase runs the teacher itself, up to the hint layer
+    assert epochs[1]["teacher_cache"]["hit_rate"] == 0.0 and epochs[2]["teacher_cache"]["hit_rate"] == 1.0
 
+
+def test_cached_teacher_features_give_the_live_attention_transfer_loss_and_gradients(digits32):
     student, teacher = _pair()
     cls = METHODS.get("at")
     distiller = cls(student, teacher, cls.Options()).train()
-    assert len(distiller.teacher_taps) >= 2
-    runner = TeacherRunner(teacher, torch.device("cpu"), fold_bn=False, channels_last=False, taps=distiller.teacher_taps)
+    taps = distiller.teacher_needs.taps
+    assert len(taps) >= 2
+    runner = TeacherRunner(teacher, torch.device("cpu"), fold_bn=False, channels_last=False, taps=taps)
     shapes = runner.row_shapes((3, 32, 32))
     width = sum(int(torch.tensor(s).prod()) for s in shapes)
     cache = TeacherCache({"test": 2}, len(digits32.train), 1, width)
     outputs = TeacherOutputs(runner, cache, shapes)
-    batch = next(digits32.loader("train", 16, augment=False, shuffle=True).iterate_batches())
+    batch = _batch(digits32)
     outputs.with_features(batch.x, batch.index, batch.variant)  # miss: runs the teacher, fills the rows
     cached = outputs.with_features(batch.x, batch.index, batch.variant)  # hit: rows split back into maps
     assert cache.stats()["hits"] == 16 and [tuple(f.shape[1:]) for f in cached[1]] == shapes[1:]
-
-    def loss_and_grads(**kw):
-        student.zero_grad()
-        state = {k: v.clone() for k, v in student.state_dict().items()}
-        out = distiller(batch.x, batch.y, **kw)
-        out.loss.backward()
-        student.load_state_dict(state)
-        return out.loss.detach(), [p.grad.clone() for p in student.parameters()]
-
-    live_loss, live_grads = loss_and_grads()
-    cached_loss, cached_grads = loss_and_grads(teacher_out=cached)
+    live_loss, live_grads = _loss_and_grads(distiller, student, Step(batch.x, batch.y))
+    cached_loss, cached_grads = _loss_and_grads(distiller, student, Step(batch.x, batch.y, teacher_logits=cached[0],
+                                                                         teacher_features=tuple(cached[1])))
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-6, atol=1e-7)
     for a, b in zip(live_grads, cached_grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_feature_distiller_training_serves_teacher_features_from_the_cache(tmp_path, digits32):
-    teacher_file = tmp_path / "teacher.pt"
-    torch.manual_seed(1)
-    save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
-    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
-                  method="nst", epochs=2, batch_size=64, augment=False, limit=256, optim=OptimConfig(lr=0.05),
-                  checkpoint_interval_s=1e9)
-    live = api.train(TrainConfig(run_dir=str(tmp_path / "live"), teacher_cache="off", **common))
-    cached = api.train(TrainConfig(run_dir=str(tmp_path / "cached"), teacher_cache="memory", **common))
-    a = read_checkpoint(Path(live["run_dir"]) / "last.pt")["student"]
-    b = read_checkpoint(Path(cached["run_dir"]) / "last.pt")["student"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the cache returns exactly what the runner computed
-    epochs = [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    epochs = _cached_run_equals_live_run(tmp_path, digits32, method="nst", epochs=2, limit=256)
     assert epochs[0]["teacher_cache"]["hit_rate"] == 0.0 and epochs[1]["teacher_cache"]["hit_rate"] == 1.0

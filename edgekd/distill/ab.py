@@ -30,6 +30,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, Tap, check_task_options, layer_pairs, modules_at, parse_layers, probe, run_with_taps, task_loss
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
+from .step import LOGITS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,12 @@ class ActivationBoundaries(MultiPhaseDistiller):
     def epoch_plan(cls, options, distiller=None):
         return [("init_epochs", options.init_epochs, 1), ("kd", -1, 3)]
 
-    def forward_phase(self, phase, x, y):
+    def phase_teacher_needs(self, phase):
+        # the AB phase runs the teacher only up to its deepest tap: cheaper live than a full served forward
+        return LOGITS if phase == "kd" else None
+
+    def forward_phase(self, phase, step):
+        x = step.x
         if phase == "ab":
             with torch.no_grad():
                 _, t_feats = run_with_taps(self.teacher, x, self.teacher_taps, stop_after=self.deepest[1])
@@ -109,8 +115,7 @@ class ActivationBoundaries(MultiPhaseDistiller):
             loss = total * 3 / 1000
             agree = torch.stack([boundary_agreement(s.detach(), t) for s, t in zip(mapped, t_feats)]).mean()
             return DistillOutput(loss, zero_logits(x, self.student.num_classes), {"ab": loss.detach(), "agreement": agree})
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        t_logits, _ = self.teacher_forward(step, LOGITS)
         logits = self.student(x)
-        loss, terms = task_loss(logits, y, t_logits, self.options.alpha, self.options.temperature)
+        loss, terms = task_loss(logits, step.y, t_logits, self.options.alpha, self.options.temperature)
         return DistillOutput(loss, logits, terms)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller, MethodOptions
 from .features import check_task_options, layer_pairs, resize, run_with_taps, task_loss
+from .step import TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class AttentionTransfer(Distiller):
     def __init__(self, student, teacher, options):
         super().__init__(student, teacher, options)
         self.pairs = layer_pairs(student, teacher, options.student_layers, options.teacher_layers)
-        self.teacher_taps = tuple(t for _, t in self.pairs)  # cacheable: the trainer may pass teacher_out
+        self.teacher_needs = TeacherNeeds(tuple(t for _, t in self.pairs))  # served (cached) by the trainer
 
-    def forward(self, x, y, teacher_out=None):
-        t_logits, t_feats = self.teacher_with_taps(x, teacher_out)
+    def forward(self, step):
+        x, y = step.x, step.y
+        t_logits, t_feats = self.teacher_forward(step)
         logits, s_feats = run_with_taps(self.student, x, [s for s, _ in self.pairs])
         losses = [at_loss(s, t, self.options.p) for s, t in zip(s_feats, t_feats)]
         at = sum(losses)

@@ -1,21 +1,23 @@
 """The Distiller contract every method implements.
 
-A Distiller wraps a student and (optionally) a teacher. `forward(x, y)` returns the training loss, the student
-logits and the named loss terms. The teacher is frozen and stays in eval mode whatever `train()` is called
-with; features are tapped with forward hooks by module path (features.run_with_taps), so zoo models are
-never edited.
+A Distiller wraps a student and (optionally) a teacher. `forward(step)` (distill/step.py) returns the training
+loss, the student logits and the named loss terms. The teacher is frozen and stays in eval mode whatever
+`train()` is called with; features are tapped with forward hooks by module path (features.run_with_taps), so
+zoo models are never edited. What the trainer serves from the teacher is declared in `teacher_needs`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..validate import build
 from .features import run_with_taps
 from .phase import Phase
+from .step import LOGITS, Step, TeacherNeeds
 
 
 @dataclass
@@ -37,38 +39,10 @@ class MethodOptions:
     """Base for a method's options; subclasses are frozen dataclasses with typed defaults from the paper."""
 
     @classmethod
-    def from_strings(cls, items: dict[str, Any]) -> "MethodOptions":
-        """Builds options from `key=value` strings (CLI) or typed values (YAML/API), strictly."""
-        import difflib
-
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, raw in items.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                options = ", ".join(known) or "none"
-                raise EdgekdError(f"unknown method option '{key}'{hint} (options: {options})")
-            values[key] = _coerce(key, raw, known[key].type)
-        return cls(**values)
-
-
-def _coerce(key: str, raw: Any, type_name: Any) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if kind == "float":
-            return float(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "bool":
-            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
-                raise ValueError(raw)
-            return raw.lower() in {"true", "1", "yes"}
-    except ValueError:
-        raise EdgekdError(f"method option {key}={raw!r} is not a valid {kind}") from None
-    return raw
+    def from_strings(cls, items: dict[str, Any], method: str = "") -> "MethodOptions":
+        """Builds options from `key=value` strings (CLI) or typed values (YAML/API), strictly (validate.py);
+        `method` names the method in errors."""
+        return build(cls, items, context=method, noun="method option", parse_strings=True)
 
 
 class Distiller(nn.Module):
@@ -78,16 +52,11 @@ class Distiller(nn.Module):
     description: ClassVar[str] = ""
     requires_teacher: ClassVar[bool] = True
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    # True when the method needs nothing from the teacher but its logits: the trainer may then pass cached
-    # logits as forward(x, y, teacher_logits=...) instead of running the teacher
-    teacher_logits_only: ClassVar[bool] = False
-    # module paths of the teacher feature maps the method matches, when forward(x, y, teacher_out=(logits,
-    # [features])) can take them instead of running the teacher: the trainer then serves them from the cache
-    teacher_taps: tuple[str, ...] = ()
-    # True when forward(x, y, index=...) and after_step(..., index=...) need each image's dataset index
-    wants_index: ClassVar[bool] = False
-    # True when forward(x, y, ..., mix=(y_partner, lam)) handles mixup/cutmix batches and its label term skips
-    # unlabeled images (label -1, see distill/labels.py): the method can take --mixup/--cutmix and --unlabeled
+    # what the trainer serves in each Step from the teacher (distill/step.py); None: nothing, the method runs
+    # its teacher itself. A class constant where it does not depend on the models (LOGITS), else set in __init__
+    teacher_needs: TeacherNeeds | None = None
+    # True when forward uses step.mix for mixup/cutmix batches and its label term skips unlabeled images
+    # (label -1, see distill/labels.py): the method can take --mixup/--cutmix and --unlabeled
     handles_mixed_labels: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, options: MethodOptions):
@@ -104,19 +73,17 @@ class Distiller(nn.Module):
             self.teacher.eval()  # BatchNorm statistics and dropout of the teacher never change
         return self
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:  # pragma: no cover - abstract
+    def forward(self, step: Step) -> DistillOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @torch.no_grad()
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
-
-    def teacher_with_taps(self, x: torch.Tensor, teacher_out=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(logits, features at `teacher_taps`): the trainer's cached ones when given, else a live forward."""
-        if teacher_out is not None:
-            return teacher_out
+    def teacher_forward(self, step: Step, needs: TeacherNeeds | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's logits and feature maps at `needs.taps` (default: `teacher_needs`) for the step: the ones
+        the trainer served, else a live forward."""
+        if step.teacher_logits is not None:
+            return step.teacher_logits, list(step.teacher_features)
+        taps = (needs or self.teacher_needs or LOGITS).taps
         with torch.no_grad():
-            return run_with_taps(self.teacher, x, self.teacher_taps)
+            return run_with_taps(self.teacher, step.x, taps) if taps else (self.teacher(step.x), [])
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters the method adds (adapters, heads); never exported."""
@@ -150,9 +117,10 @@ class Distiller(nn.Module):
         """The plain zoo model to export: no exits, adapters or masks."""
         return self.student
 
-    def after_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Called by the trainer after each optimizer step with the step's batch (this rank's part), for methods
-        with an optimisation of their own (a meta step); returns values to log. Must act the same on every rank."""
+    def after_step(self, step: Step, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called by the trainer after each optimizer step with the whole step (this rank's part of the batch), for
+        methods with an optimisation of their own (a meta step); returns values to log. Must act the same on
+        every rank."""
         return {}
 
     def write_artifacts(self, run_dir) -> None:
@@ -173,14 +141,13 @@ class LogitDistiller(Distiller):
     relatives): the trainer serves them (cached, or from the fast runner at the teacher's resolution), and the
     label term skips unlabeled images and mixes labels of mixed ones. Subclasses implement `loss`."""
 
-    teacher_logits_only = True
+    teacher_needs = LOGITS
     handles_mixed_labels = True
 
-    def forward(self, x, y, teacher_logits=None, mix=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        logits = self.student(x)
-        loss, terms = self.loss(logits, teacher_logits, y, mix)
+    def forward(self, step):
+        teacher_logits, _ = self.teacher_forward(step)
+        logits = self.student(step.x)
+        loss, terms = self.loss(logits, teacher_logits, step.y, step.mix)
         return DistillOutput(loss, logits, {name: value.detach() for name, value in terms.items()})
 
     def loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,

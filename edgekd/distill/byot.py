@@ -90,7 +90,8 @@ class BeYourOwnTeacher(Distiller):
         (c_out, r_out) = shapes[-1]
         self.exits = nn.ModuleList(Exit(c, r, c_out, r_out, student.num_classes) for c, r in shapes[:-1])
 
-    def forward(self, x, y):
+    def forward(self, step):
+        x, y = step.x, step.y
         logits, feats = run_with_taps(self.student, x, self.stages)
         deepest, target = feats[-1], feats[-1].detach()
         soft_target = logits.detach()

@@ -19,7 +19,7 @@ class CrossEntropy(Distiller):
     Options = CEOptions
     handles_mixed_labels = True
 
-    def forward(self, x, y, mix=None):
-        logits = self.student(x)
-        loss = label_loss(logits, y, mix, self.options.label_smoothing)
+    def forward(self, step):
+        logits = self.student(step.x)
+        loss = label_loss(logits, step.y, step.mix, self.options.label_smoothing)
         return DistillOutput(loss, logits, {"ce": loss.detach()})

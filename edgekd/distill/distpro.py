@@ -125,7 +125,6 @@ class DistPro(MultiPhaseDistiller):
     description = "DistPro: a searched per-step weighting of many teacher->student feature pathways"
     Options = DistProOptions
     requires_teacher = True
-    wants_index = True
     final_phase = "retrain"
 
     def __init__(self, student, teacher, options: DistProOptions):
@@ -215,9 +214,10 @@ class DistPro(MultiPhaseDistiller):
         # Knuth multiplicative hash: an even spread over any index range, the same in every run and on every rank
         return ((index.long() * 2654435761) % 1000) < int(self.options.val_fraction * 1000)
 
-    def forward_phase(self, phase, x, y, index=None):
+    def forward_phase(self, phase, step):
+        x, y = step.x, step.y
         if phase == "search":
-            keep = ~self._split(index) if index is not None else torch.ones_like(y, dtype=torch.bool)
+            keep = ~self._split(step.index) if step.index is not None else torch.ones_like(y, dtype=torch.bool)
             if keep.sum() == 0:
                 keep[:] = True
             x, y = x[keep], y[keep]
@@ -256,13 +256,14 @@ class DistPro(MultiPhaseDistiller):
             self.retrain_started.fill_(True)
         self._retrain_steps = epochs * max(steps_per_epoch, 1)
 
-    def after_phase_step(self, phase, x, y, optimizer, index=None) -> dict[str, float]:
+    def after_phase_step(self, phase, step, optimizer) -> dict[str, float]:
         if phase == "retrain":
             self.retrain_step += 1
             return {}
-        if index is None:
+        if step.index is None:
             return {}
-        val = self._split(index)
+        x, y = step.x, step.y
+        val = self._split(step.index)
         if val.sum() == 0 or (~val).sum() == 0:
             self._record()
             return {}

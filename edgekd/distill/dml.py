@@ -69,9 +69,9 @@ class DeepMutualLearning(Distiller):
     def peer_models(self) -> list[nn.Module]:
         return [self.student, *self.peers]
 
-    def forward(self, x, y):
-        logits = [m(x) for m in self.peer_models()]
-        losses = mutual_losses(logits, y, self.options.temperature)
+    def forward(self, step):
+        logits = [m(step.x) for m in self.peer_models()]
+        losses = mutual_losses(logits, step.y, self.options.temperature)
         loss = sum(ce + kl for ce, kl in losses)
         terms = {"ce": losses[0][0].detach(), "kl": losses[0][1].detach(),
                  "peers_ce": torch.stack([ce.detach() for ce, _ in losses[1:]]).mean()}

@@ -21,6 +21,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, check_task_options, layer_pairs, probe, run_with_taps, task_loss
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
+from .step import LOGITS
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,19 @@ class FitNet(MultiPhaseDistiller):
     def epoch_plan(cls, options, distiller=None):
         return [("hint_epochs", options.hint_epochs, 1), ("kd", -1, 3)]
 
-    def forward_phase(self, phase, x, y):
+    def phase_teacher_needs(self, phase):
+        # the hint phase runs the teacher only up to the hint layer: cheaper live than a full served forward
+        return LOGITS if phase == "kd" else None
+
+    def forward_phase(self, phase, step):
+        x = step.x
         if phase == "hint":
             with torch.no_grad():
                 _, (hint,) = run_with_taps(self.teacher, x, [self.hint], stop_after=self.hint)
             _, (guided,) = run_with_taps(self.student, x, [self.guided], stop_after=self.guided)
             loss = hint_loss(self.regressor(guided, hint.shape[-2:]), hint)
             return DistillOutput(loss, zero_logits(x, self.student.num_classes), {"hint": loss.detach()})
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        t_logits, _ = self.teacher_forward(step, LOGITS)
         logits = self.student(x)
-        loss, terms = task_loss(logits, y, t_logits, self.options.alpha, self.options.temperature)
+        loss, terms = task_loss(logits, step.y, t_logits, self.options.alpha, self.options.temperature)
         return DistillOutput(loss, logits, terms)

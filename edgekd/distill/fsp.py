@@ -79,7 +79,8 @@ class FSP(MultiPhaseDistiller):
     def epoch_plan(cls, options, distiller=None):
         return [("init_epochs", options.init_epochs, 1), ("ce", -1, 3)]
 
-    def forward_phase(self, phase, x, y):
+    def forward_phase(self, phase, step):
+        x = step.x
         if phase == "fsp":
             with torch.no_grad():
                 _, t_feats = run_with_taps(self.teacher, x, [t for _, t in self.pairs], stop_after=self.pairs[-1][1])
@@ -89,5 +90,5 @@ class FSP(MultiPhaseDistiller):
             loss = fsp_loss(s_feats, t_feats)
             return DistillOutput(loss, zero_logits(x, self.student.num_classes), {"fsp": loss.detach()})
         logits = self.student(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)
+        loss = F.cross_entropy(logits, step.y, label_smoothing=self.options.label_smoothing)
         return DistillOutput(loss, logits, {"ce": loss.detach()})

@@ -141,9 +141,9 @@ class MetaDistiller(Distiller):
         with torch.no_grad():
             return self.generator([f.detach() for f in feats])
 
-    def forward(self, x, y):
-        logits, exits, feats = self.outputs(x)
-        loss, terms = self._loss(logits, exits, y, self._targets(logits, feats))
+    def forward(self, step):
+        logits, exits, feats = self.outputs(step.x)
+        loss, terms = self._loss(logits, exits, step.y, self._targets(logits, feats))
         return DistillOutput(loss, logits, terms)
 
     # -- the trainer's hooks
@@ -154,7 +154,8 @@ class MetaDistiller(Distiller):
         # the generator is not trained by the main loss: only by the meta step's own optimizer
         return list(self.student.parameters()) + list(self.exits.parameters())
 
-    def after_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def after_step(self, step, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        x, y = step.x, step.y
         if not self.meta_active or len(y) < 2:
             return {}
         lr = optimizer.param_groups[0]["lr"]

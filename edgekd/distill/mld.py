@@ -40,6 +40,7 @@ from .features import StopForward, aligned_boundaries, modules_at, parse_layers,
 from .losses import kd_loss
 from .base import DistillOutput, MethodOptions
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
+from .step import LOGITS
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,17 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
         return [("masks", list(self.masks.parameters()), False), ("local", local, False),
                 ("kd", list(self.student.parameters()), True)]
 
-    def forward_phase(self, phase, x, y):
+    def phase_teacher_needs(self, phase):
+        # the masks and local phases hook into the teacher's breakpoints: they run it themselves
+        return LOGITS if phase == "kd" else None
+
+    def forward_phase(self, phase, step):
+        x, y = step.x, step.y
         if phase == "masks":
             return self._masks_loss(x, y)
         if phase == "local":
             return self._local_loss(x, y)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
+        teacher_logits, _ = self.teacher_forward(step, LOGITS)
         logits = self.student(x)
         if self.options.finetune == "label_refinery":
             refined = kd_loss(logits, teacher_logits, 1.0)

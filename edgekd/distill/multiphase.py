@@ -2,9 +2,10 @@
 MLD, DistPro).
 
 The trainer runs each Phase's distiller. A multi-phase method hands it a `PhaseView` per phase: a Distiller
-that shares (not copies) the method's student, teacher and extra modules, computes that phase's loss, and
-keeps the frozen part of the student in eval mode, so frozen BatchNorm layers keep their running statistics
-as well as their weights. Checkpoints are unaffected: a view has the same module names as its method.
+that shares (not copies) the method's student, teacher and extra modules, computes that phase's loss, declares
+what that phase needs from the teacher (`phase_teacher_needs`: a KD phase takes the served, cached logits like
+KD does), and keeps the frozen part of the student in eval mode, so frozen BatchNorm layers keep their running
+statistics as well as their weights. Checkpoints are unaffected: a view has the same module names as its method.
 
 `--epochs` is always the total over a method's phases; `split_epochs` shares it out.
 """
@@ -18,6 +19,7 @@ from torch import nn
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller
 from .phase import Phase
+from .step import Step, TeacherNeeds
 
 
 def split_epochs(method: str, total: int, plan: Sequence[tuple[str, int, float]]) -> list[int]:
@@ -98,8 +100,8 @@ class PhaseView(Distiller):
         self._trainable = {id(p) for p in trainable}
 
     @property
-    def wants_index(self) -> bool:
-        return self._parent.wants_index
+    def teacher_needs(self) -> TeacherNeeds | None:
+        return self._parent.phase_teacher_needs(self.phase)
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .half() reach the shared children through this view; the parent's own parameters and
@@ -115,14 +117,14 @@ class PhaseView(Distiller):
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self._parent.load_extra_state(state)
 
-    def forward(self, x, y, **kw):
-        return self._parent.forward_phase(self.phase, x, y, **kw)
+    def forward(self, step):
+        return self._parent.forward_phase(self.phase, step)
 
     def on_epoch_start(self, epoch, epochs, optimizer, steps_per_epoch: int = 0) -> None:
         self._parent.on_phase_epoch_start(self.phase, epoch, epochs, optimizer, steps_per_epoch)
 
-    def after_step(self, x, y, optimizer, **kw) -> dict[str, float]:
-        return self._parent.after_phase_step(self.phase, x, y, optimizer, **kw)
+    def after_step(self, step, optimizer) -> dict[str, float]:
+        return self._parent.after_phase_step(self.phase, step, optimizer)
 
     def train(self, mode: bool = True) -> "PhaseView":
         super().train(mode)
@@ -140,8 +142,8 @@ class PhaseView(Distiller):
 
 class MultiPhaseDistiller(Distiller):
     """Base of methods trained in several phases. Subclasses implement `phase_parts`, `epoch_plan` and
-    `forward_phase`, and name their last phase in `final_phase`: `forward(x, y)` outside the trainer
-    computes that phase's loss."""
+    `forward_phase`, name their last phase in `final_phase` (`forward(step)` outside the trainer computes that
+    phase's loss) and declare what each phase wants served from the teacher in `phase_teacher_needs`."""
 
     final_phase: ClassVar[str] = ""
 
@@ -162,16 +164,20 @@ class MultiPhaseDistiller(Distiller):
     def check_epochs(cls, options, epochs: int) -> None:
         split_epochs(cls.name, epochs, cls.epoch_plan(options))
 
-    def forward_phase(self, phase: str, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:
+    def forward_phase(self, phase: str, step: Step) -> DistillOutput:
         raise NotImplementedError
 
-    def forward(self, x, y):
-        return self.forward_phase(self.final_phase, x, y)
+    def phase_teacher_needs(self, phase: str) -> TeacherNeeds | None:
+        """The `teacher_needs` of one phase (default: nothing served, the phase runs the teacher itself)."""
+        return None
+
+    def forward(self, step):
+        return self.forward_phase(self.final_phase, step)
 
     def on_phase_epoch_start(self, phase: str, epoch: int, epochs: int, optimizer, steps_per_epoch: int = 0) -> None:
         """on_epoch_start for one phase (default: nothing)."""
 
-    def after_phase_step(self, phase: str, x, y, optimizer, **kw) -> dict[str, float]:
+    def after_phase_step(self, phase: str, step: Step, optimizer) -> dict[str, float]:
         """after_step for one phase (default: nothing)."""
         return {}
 

@@ -41,6 +41,7 @@ from ..errors import EdgekdError
 from ..models.layers import make_divisible
 from .base import DistillOutput, Distiller, MethodOptions
 from .losses import kd_loss
+from .step import LOGITS
 
 
 def _floats(text) -> tuple[float, ...]:
@@ -285,7 +286,9 @@ class NetAug(Distiller):
     def _loss(self, logits, y, teacher_logits):
         return F.cross_entropy(logits, y), {}
 
-    def forward(self, x, y, teacher_logits=None):
+    def forward(self, step):
+        x, y = step.x, step.y
+        teacher_logits = self.teacher_forward(step)[0] if self.teacher_needs is not None else None
         if self.training and self.options.bn_batches:
             self._recent = (self._recent + [x.detach()])[-self.options.bn_batches:]
         logits = self.run(x)
@@ -352,12 +355,7 @@ class NetAugKD(NetAug):
     name = "netaug+kd"
     description = "NetAug with the KD objective on both the base and the augmented network"
     requires_teacher = True
-    teacher_logits_only = True
-
-    def forward(self, x, y, teacher_logits=None):
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(x)
-        return super().forward(x, y, teacher_logits)
+    teacher_needs = LOGITS
 
     def _loss(self, logits, y, teacher_logits):
         soft = kd_loss(logits, teacher_logits, self.options.temperature)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Phase:
     name: str
     epochs: int
-    distiller: "Distiller"  # forward(x, y) -> DistillOutput
+    distiller: "Distiller"  # forward(step) -> DistillOutput; its teacher_needs say what the trainer serves
     trainable: list[nn.Parameter]  # what this phase optimises; everything else is frozen during it
     optim: OptimConfig = field(default_factory=OptimConfig)
     evaluate: bool = True  # False for phases whose logits mean nothing yet (e.g. hint pre-training)

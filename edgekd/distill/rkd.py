@@ -69,7 +69,8 @@ class RelationalKD(Distiller):
     description = "relational KD (Park et al.): distance (25) and angle (50) relations of embeddings + CE"
     Options = RKDOptions
 
-    def forward(self, x, y):
+    def forward(self, step):
+        x, y = step.x, step.y
         with torch.no_grad():
             t_emb, t_logits = embedding(self.teacher, x)
         s_emb, logits = embedding(self.student, x)

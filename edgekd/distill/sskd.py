@@ -107,7 +107,10 @@ class StageByStageKD(MultiPhaseDistiller):
         _, s_feats = run_with_taps(self.student, x, [self.pairs[i][0] for i in idx], stop_after=self.pairs[upto][0])
         return [stage_loss(self.adapters[i](s, t.shape[-2:]), t) for i, s, t in zip(idx, s_feats, t_feats)]
 
-    def forward_phase(self, phase, x, y):
+    # phase_teacher_needs stays None (nothing served): the head phase does not use the teacher, and a stage
+    # phase runs it only up to its own boundary, cheaper live than a full served forward
+    def forward_phase(self, phase, step):
+        x, y = step.x, step.y
         if phase == "head":
             logits = self.student(x)
             loss = F.cross_entropy(logits, y)
@@ -132,9 +135,10 @@ class SSKDMultiLoss(StageByStageKD):
         backbone = k * options.stage_epochs if options.stage_epochs > 0 else -1
         return [("backbone", backbone, k), ("head", options.head_epochs, 1)]
 
-    def forward_phase(self, phase, x, y):
+    def forward_phase(self, phase, step):
         if phase == "head":
-            return super().forward_phase(phase, x, y)
+            return super().forward_phase(phase, step)
+        x = step.x
         losses = self.stage_losses(x, self.num_stages - 1)
         loss = sum(losses)
         terms = {f"l2_stage{i + 1}": v.detach() for i, v in enumerate(losses)}

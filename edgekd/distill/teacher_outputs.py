@@ -7,8 +7,8 @@ seen is never run again: within a run when augmentation is off or banked (fast k
 Shen & Xing 2021), and across runs with the same teacher, data and transform. The cache is keyed by a hash of
 everything that determines the logits; a mismatch means a different cache, never a stale one.
 
-Feature distillers that declare `teacher_taps` (module paths, e.g. AT, NST) get the tapped teacher feature maps
-cached beside the logits, one flat row per (image, variant), when they fit the memory budget; otherwise the
+Distillers whose `teacher_needs` (distill/step.py) name taps (module paths, e.g. AT, NST) get the tapped teacher
+feature maps cached beside the logits, one flat row per (image, variant), when they fit the memory budget; otherwise the
 teacher runs live every step (the runner still makes it cheaper), and the run says so.
 """
 from __future__ import annotations

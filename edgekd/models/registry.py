@@ -5,6 +5,8 @@ edgekd.models imports them all, so importing anything from edgekd.models fills M
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..errors import EdgekdError
 from ..registry import Registry
+from ..validate import build, setting
 
 log = logging.getLogger("edgekd.models")
 
@@ -40,7 +43,7 @@ class ModelInfo:
 
     @property
     def options(self) -> list[str]:
-        return builder_options(self.builder)
+        return sorted(f.name for f in dataclasses.fields(options_class(self.builder)))
 
 
 MODELS = Registry[ModelInfo]("model", "`edgekd models` lists them")
@@ -51,18 +54,21 @@ def register_model(info: ModelInfo) -> ModelInfo:
     return info
 
 
-def _builder_defaults(builder: Callable[..., nn.Module]) -> dict[str, Any]:
-    """Keyword-only options of a builder with their defaults (num_classes/in_chans are create_model's own)."""
-    params = inspect.signature(builder).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is p.KEYWORD_ONLY and p.name not in ("num_classes", "in_chans")
-    }
+# what the builders' options must satisfy; their types and defaults come from each builder's signature
+OPTION_RULES: dict[str, dict[str, Any]] = {
+    "width_mult": {"above": 0, "hint": "channel multiplier"},
+    "depth_mult": {"above": 0, "hint": "block-count multiplier"},
+    "dropout": {"at_least": 0, "below": 1, "hint": "dropout before the classifier"},
+}
 
 
-def builder_options(builder: Callable[..., nn.Module]) -> list[str]:
-    return sorted(_builder_defaults(builder))
+@functools.cache
+def options_class(builder: Callable[..., nn.Module]) -> type:
+    """A builder's keyword-only options as a frozen dataclass (num_classes/in_chans are create_model's own)."""
+    params = inspect.signature(builder, eval_str=True).parameters.values()
+    fields = [(p.name, p.annotation, setting(p.default, **OPTION_RULES.get(p.name, {})))
+              for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("num_classes", "in_chans")]
+    return dataclasses.make_dataclass(f"{builder.__name__}_options", fields, frozen=True)
 
 
 def list_models(role: str | None = None, family: str | None = None) -> list[str]:
@@ -79,23 +85,11 @@ def get_model_info(name: str) -> ModelInfo:
     return MODELS.get(name)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _validate(name: str, num_classes: Any, in_chans: Any, options: Mapping[str, Any]) -> None:
+def _check_sizes(name: str, num_classes: Any, in_chans: Any) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise EdgekdError(f"model '{name}' needs num_classes >= 2, got {num_classes!r}")
     if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
         raise EdgekdError(f"model '{name}' needs in_chans >= 1, got {in_chans!r}")
-    for key in ("width_mult", "depth_mult"):
-        if key in options and not (_is_number(options[key]) and options[key] > 0):
-            raise EdgekdError(f"model '{name}' option {key} must be a number > 0, got {options[key]!r}")
-    if "dropout" in options and not (_is_number(options["dropout"]) and 0 <= options["dropout"] < 1):
-        raise EdgekdError(f"model '{name}' option dropout must be in [0, 1), got {options['dropout']!r}")
-    for key in ("low_res_stem", "same_padding"):
-        if key in options and not isinstance(options[key], bool):
-            raise EdgekdError(f"model '{name}' option {key} must be true or false, got {options[key]!r}")
 
 
 def create_model(
@@ -116,13 +110,10 @@ def create_model(
     """
     info = MODELS.get(name)
     edit = options.pop("edit", None)  # blocks deleted/inserted (edgekd.models.edit), applied after building
-    accepted = info.options
-    for key in options:
-        if key not in accepted:
-            raise EdgekdError(f"model '{name}' has no option '{key}' (options: {', '.join(accepted)})")
     # Every option is spelled out, so model_config still rebuilds this model if a default changes later.
-    merged = {**_builder_defaults(info.builder), **info.defaults, **options}
-    _validate(name, num_classes, in_chans, merged)
+    merged = dataclasses.asdict(build(options_class(info.builder), {**info.defaults, **options}, context=name,
+                                      noun="model option"))
+    _check_sizes(name, num_classes, in_chans)
 
     if pretrained:
         from . import pretrained as pretrained_mod

@@ -12,7 +12,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from ..data.augment import Mix, RandAugment
 from ..data.datamodule import DataModule
 from ..data.loader import UNLABELED
 from ..distill.phase import Phase
+from ..distill.step import Step
 from ..distill.teacher_outputs import TeacherOutputs
 from ..distributed import DistEnv, all_reduce_sum, barrier
 from ..errors import EdgekdError
@@ -146,7 +147,8 @@ class Trainer:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.console = console
         self.on_step = on_step
-        # cached/fast teacher logits for methods that need only logits (see distill/teacher_outputs.py)
+        # the cached/fast teacher outputs served to phases whose distiller declares teacher_needs
+        # (distill/step.py, distill/teacher_outputs.py)
         self.teacher_outputs = teacher_outputs
         self.variants = variants
         self.bank_seed = bank_seed
@@ -264,10 +266,10 @@ class Trainer:
                 lr = lr_at(global_step, total_steps, steps_per_epoch, phase.optim)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
-                teacher = self._teacher_outputs_for(phase, batch)
-                image_index = batch.index if phase.distiller.wants_index else None
-                loss, correct, seen, labelled, terms = self._step(module, phase, optimizer, scaler, batch.x,
-                                                                  batch.y, teacher, image_index, batch.mix)
+                teacher_logits, teacher_features = self._served_teacher_outputs(phase, batch)
+                train_step = Step(batch.x, batch.y, batch.index, batch.y_partner, batch.lam, teacher_logits,
+                                  teacher_features, epoch=epoch, iteration=global_step)
+                loss, correct, seen, labelled, terms = self._step(module, phase, optimizer, scaler, train_step)
                 stats.add(loss, correct, seen, terms, labelled)
                 now = time.perf_counter()
                 stats.seconds += now - tick
@@ -292,47 +294,43 @@ class Trainer:
         return stats
 
     def _uses_teacher_outputs(self, phase: Phase) -> bool:
-        distiller = phase.distiller
-        return self.teacher_outputs is not None and (distiller.teacher_logits_only or bool(distiller.teacher_taps))
+        return self.teacher_outputs is not None and phase.distiller.teacher_needs is not None
 
-    def _teacher_outputs_for(self, phase: Phase, batch) -> dict:
-        """forward() keyword with the teacher's cached/fast outputs for this batch, or {} (the method runs it)."""
+    def _served_teacher_outputs(self, phase: Phase, batch) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """The teacher's cached/fast logits and the feature maps at the taps the phase's distiller declared, or
+        (None, ()) when it declared nothing (it runs the teacher itself)."""
         if not self._uses_teacher_outputs(phase):
-            return {}
+            return None, ()
         # the teacher's view of the same image, made only if the teacher has to run (a cache miss)
         x = batch.x if batch.teacher_view is None else (lambda: batch.teacher_x)
-        if phase.distiller.teacher_logits_only:
-            return {"teacher_logits": self.teacher_outputs.logits(x, batch.index, batch.variant)}
-        return {"teacher_out": self.teacher_outputs.with_features(x, batch.index, batch.variant)}
+        logits, features = self.teacher_outputs.with_features(x, batch.index, batch.variant)
+        served = self.teacher_outputs.runner.taps  # every phase's taps (api: combined_needs)
+        return logits, tuple(features[served.index(tap)] for tap in phase.distiller.teacher_needs.taps)
 
-    def _step(self, module, phase, optimizer, scaler, x, y, teacher: dict | None = None,
-              index=None, mix=None) -> tuple[float, int, int, int, dict[str, float]]:
-        x = x.to(self.rt.device, non_blocking=True)
-        y = y.to(self.rt.device, non_blocking=True)
+    def _step(self, module, phase, optimizer, scaler, step: Step) -> tuple[float, int, int, int, dict[str, float]]:
+        x = step.x.to(self.rt.device, non_blocking=True)
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        moved = {"x": x, "y": step.y.to(self.rt.device, non_blocking=True)}
+        if step.mix is not None:  # (partner labels, own weight) of mixed images, for the label term
+            moved.update(y_partner=step.y_partner.to(self.rt.device), lam=step.lam.to(self.rt.device))
+        step = replace(step, **moved)
         k = self.micro_batches
         loss_total, correct, seen, labelled_total = 0.0, 0, 0, 0
         terms: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for m in range(k):
-            # strided micro-batches, the same split DDP ranks take from a global batch
-            xm, ym = (x[m::k], y[m::k]) if k > 1 else (x, y)
-            extra = {name: _micro(value, m, k) for name, value in (teacher or {}).items()}
-            if index is not None:  # the images' dataset indices, for methods that split the data (DistPro)
-                extra["index"] = index[m::k] if k > 1 else index
-            if mix is not None:  # (partner labels, own weight) of mixed images, for the label term
-                extra["mix"] = tuple(t.to(self.rt.device)[m::k] for t in mix)
+            part = step.micro(m, k)
             sync = contextlib.nullcontext() if m == k - 1 or not isinstance(module, DistributedDataParallel) else module.no_sync()
             with sync, torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype or torch.float32, enabled=self.rt.amp_dtype is not None):
-                out = module(xm, ym, **extra)
+                out = module(part)
             if not torch.isfinite(out.loss):
                 raise EdgekdError(
                     f"loss became {out.loss.item()} in phase '{phase.name}': lower the learning rate (--lr) or enable gradient clipping (--grad-clip)"
                 )
             scaler.scale(out.loss / k).backward()
             loss_total += out.loss.item() / k
-            labels = out.labels if out.labels is not None else ym
+            labels = out.labels if out.labels is not None else part.y
             labelled = labels != UNLABELED
             correct += int((out.logits.argmax(1) == labels)[labelled].sum())
             labelled_total += int(labelled.sum())
@@ -344,8 +342,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(phase.trainable, phase.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        hook_extra = {"index": index} if index is not None else {}
-        for name, value in phase.distiller.after_step(x, y, optimizer, **hook_extra).items():
+        for name, value in phase.distiller.after_step(step, optimizer).items():
             terms[name] = terms.get(name, 0.0) + value
         return loss_total, correct, seen, labelled_total, terms
 
@@ -506,13 +503,3 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines()
                 if line and (json.loads(line)["phase_index"], json.loads(line)["epoch"]) < (phase_index, epoch)]
         path.write_text("".join(line + "\n" for line in keep))
-
-
-def _micro(value, m: int, k: int):
-    """Micro-batch m of k (strided, as the inputs) of a tensor or of (logits, [features])."""
-    if k == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value[m::k]
-    logits, feats = value
-    return logits[m::k], [f[m::k] for f in feats]
