@@ -86,3 +86,8 @@ class QuantizeConfig:
             return cls(**data)
         except TypeError as e:  # a required key is missing
             raise EdgekdError(f"{path}: {e}") from None
+
+
+# the defaults, for the API's and the CLI's signatures (one place)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(QuantizeConfig)
+                            if f.default is not dataclasses.MISSING}

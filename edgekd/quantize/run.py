@@ -30,7 +30,7 @@ from ..errors import EdgekdError
 from ..train.checkpoint import file_sha256, load_model, model_payload, read_checkpoint, save_atomic
 from ..train.trainer import Trainer, make_runtime
 from . import nncf_backend
-from .config import CONFIG_NAME, METHODS, QuantizeConfig
+from .config import CONFIG_NAME, DEFAULTS as D, METHODS, QuantizeConfig
 
 PTQ_FILE = "ptq.pt"
 CALIB_BATCH = 50  # NNCF calls the model once per item: batches, not single images (~100x faster statistics)
@@ -39,19 +39,19 @@ CALIB_BATCH = 50  # NNCF calls the model once per item: batches, not single imag
 def quantize(
     source,
     *,
-    method: str = "nncf-qat",
+    method: str = D["method"],
     out=None,
-    data: str | None = None,
-    calib_images: int = 300,
-    epochs: int = 2,
-    teacher: str = "float",
-    temperature: float = 4.0,
-    alpha: float = 0.9,
-    lr: float = 0.005,
-    batch_size: int = 128,
-    seed: int = 0,
-    device: str = "auto",
-    checkpoint_interval_s: float = 300.0,
+    data: str | None = D["data"],
+    calib_images: int = D["calib_images"],
+    epochs: int = D["epochs"],
+    teacher: str = D["teacher"],
+    temperature: float = D["temperature"],
+    alpha: float = D["alpha"],
+    lr: float = D["lr"],
+    batch_size: int = D["batch_size"],
+    seed: int = D["seed"],
+    device: str = D["device"],
+    checkpoint_interval_s: float = D["checkpoint_interval_s"],
     resume: bool = False,
     console=None,
     on_step: Callable[[Trainer, int], None] | None = None,
@@ -255,7 +255,8 @@ def _summary(config: QuantizeConfig, source_info: dict, ptq: dict, teacher_info:
         "run_dir": str(run_dir),
         "method": config.method,
         "student": payload["model_config"],
-        "quantization": {k: v for k, v in payload["quantization"].items() if k != "config"},
+        "quantization": {**{k: v for k, v in payload["quantization"].items() if k not in ("config", "folded_batchnorm")},
+                         "folded_batchnorm_layers": len(payload["quantization"]["folded_batchnorm"])},
         "source": source_info,
         "float_test_acc": source_info["test_acc"],
         "ptq": ptq,
