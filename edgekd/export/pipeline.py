@@ -201,7 +201,8 @@ class Artifact:
         m = self.manifest
         lines = [f"{self.format} {self.precision}: {self.path} ({format_bytes(m['artifact']['bytes'])})"]
         if m.get("quantization", {}).get("quantizer"):
-            lines.append(f"  int8 by {m['quantization']['quantizer']}: {m['quantization'].get('origin') or m['quantization'].get('tool', '')}")
+            q = m["quantization"]
+            lines.append(f"  int8 by {q['quantizer']}: {q.get('origin') or q.get('tool') or q.get('activations', '')}")
         for runtime, v in m["verification"].items():
             if not isinstance(v, dict) or "top1_agreement" not in v:
                 continue

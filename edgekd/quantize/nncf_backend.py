@@ -96,6 +96,19 @@ def _run(fn, *args, **kwargs):
         raise _extension_error(e) from None
 
 
+def prepare(device: torch.device) -> None:
+    """Builds NNCF's extension for `device` now, so a machine that cannot is a one-line error before anything is
+    written (on CUDA NNCF compiles with nvcc, which a PyTorch install alone does not bring)."""
+    nncf = _nncf()
+    if device.type != "cuda":
+        return
+    try:
+        _run(nncf.torch.force_build_cuda_extensions)
+    except nncf.InstallationError:
+        raise EdgekdError("NNCF could not compile its CUDA quantization extension (it needs the CUDA toolkit's nvcc "
+                          "on PATH): install it, or quantize on the CPU with --device cpu") from None
+
+
 def ptq(model: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.Module, dict]:
     """NNCF post-training quantization of a copy of `model` (calibrated on normalised `batches`); returns the
     fake-quantized model and its quantization state (what a checkpoint stores under "quantization")."""

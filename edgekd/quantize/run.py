@@ -74,11 +74,13 @@ def quantize(
     dm = _data(config, payload)
     teacher_model, teacher_info = _teacher(config, source_dir, float_model, dm) if config.method == "nncf-qat" else (None, None)
 
+    runtime = make_runtime(config.device, False, False, DistEnv())  # no AMP: fake-quantization runs in fp32
+    nncf_backend.prepare(runtime.device)
+
     # everything is validated: from here on the run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         config.save(run_dir / CONFIG_NAME)
-    runtime = make_runtime(config.device, False, False, DistEnv())  # no AMP: fake-quantization runs in fp32
     trainer = Trainer(run_dir, dm, runtime, batch_size=config.batch_size, augment=config.augment, seed=config.seed,
                       checkpoint_interval_s=config.checkpoint_interval_s, console=console, on_step=on_step)
     source_info = _source_info(source_dir, payload, trainer.evaluate(float_model.to(runtime.device), "test")["test_acc"])
