@@ -201,6 +201,13 @@ def test_qat_without_the_training_data_is_one_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_runs_teacher_is_refused_for_a_run_without_one(float_run):
+    with pytest.raises(EdgekdError, match="was trained without a teacher: use --teacher float"):
+        api.quantize(float_run, teacher="run", out=float_run.parent / "no-teacher")
+    assert not (float_run.parent / "no-teacher").exists()
+
+
+@pytest.mark.slow
 def test_a_checkpoint_cannot_name_code_outside_nncf_quantizers(qat_run, tmp_path):
     from edgekd.quantize.nncf_backend import rebuild
 

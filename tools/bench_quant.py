@@ -12,7 +12,8 @@ files run in ONNX Runtime as written (graph optimizations off: every Q/DQ execut
 TFLite files in TFLite Micro. Sized for 2 CPU cores: a Fashion-MNIST subset, few epochs, one thread.
 
 Resumable: float runs go through benchdoc.ensure_run, quantized runs resume, finished exports are reused, and
-each finished row's results are kept in bench-runs/bench_quant/<row>.json, so a rerun (or a fresh checkout)
+each finished row's results are kept in bench-runs/bench_quant/<row>.json (for an --out below runs/; else in
+OUT/results), so a rerun (or a fresh checkout)
 continues where it stopped and `--report-only` writes the section from the finished rows.
 
     python tools/bench_quant.py --threads 1
@@ -37,7 +38,6 @@ from edgekd.config import OptimConfig  # noqa: E402
 from tools.benchdoc import ARCHIVE, archive_path, ensure_run, run_header, write_section  # noqa: E402
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
-RESULTS = ARCHIVE / "bench_quant"
 DISTILL_PAYS_TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"  # EfficientNet-Lite0, 64 px
 QAT_GOAL_POINTS = 0.3
 AGREEMENT_GOAL = 0.99
@@ -221,7 +221,7 @@ def report(results: list[dict], args) -> str:
         "NNCF PTQ, NNCF QAT+KD: the TensorRT bundles' ONNX) run in ONNX Runtime with graph optimizations off "
         "(each QuantizeLinear/DequantizeLinear as written: TensorRT's semantics; ONNX Runtime's own int8 kernels "
         "round differently and are in the second table); TFLite paths run in TFLite Micro. NNCF QAT+KD: "
-        f"{args.qat_epochs} epochs of KD from the float student (T 4, alpha 0.9, lr 0.005, batch 128) on the same "
+        f"{args.qat_epochs} epoch(s) of KD from the float student (T 4, alpha 0.9, lr 0.005, batch 128) on the same "
         "training images; QAT s = its training time on one thread. onnx2tf and ORT calibrate on 200 training "
         "images, NNCF PTQ on 300. TensorRT itself cannot run here: the bundles' engines are built on the device.",
         "",
@@ -240,10 +240,11 @@ def report(results: list[dict], args) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    kept_dir = archive_path(args.out) or args.out / "results"  # smoke runs outside runs/ keep bench-runs/ clean
+    kept_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for row in rows(args):
-        kept = RESULTS / f"{row['key']}.json"
+        kept = kept_dir / f"{row['key']}.json"
         if kept.exists():
             results.append(json.loads(kept.read_text()))
             continue
