@@ -253,7 +253,7 @@ def test_qdq_onnx_of_a_qat_run_is_standard_and_agrees_with_the_fake_quant_model(
 
 
 @pytest.mark.slow
-def test_tensorrt_bundle_of_a_qat_run_builds_an_int8_engine_on_the_device(qat_run, tmp_path):
+def test_tensorrt_bundle_of_a_qat_run_leaves_the_int8_engine_build_to_the_device(qat_run, tmp_path):
     artifact = api.export(qat_run["run_dir"], format="tensorrt", out_dir=tmp_path / "bundles", verify_images=200)
     m = artifact.manifest
     assert m["precision"] == "int8" and m["lint"]["passed"]
@@ -293,3 +293,34 @@ def test_the_layer_report_names_a_deliberately_broken_layer(qat_run, tmp_path):
     report = onnx_layer_errors(float_onnx, broken, x.numpy())
     name = onnx_layer_name(victim.name, "Conv")
     assert report["worst"][0] == name and healthy["worst"][0] != name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer", ["ort", "nncf"])
+def test_one_float_student_through_each_qdq_quantizer(float_run, tmp_path, quantizer):
+    artifact = api.export(float_run, format="onnx", precision="int8", quantizer=quantizer, out_dir=tmp_path,
+                          verify_images=200)
+    m = artifact.manifest
+    assert m["quantizer"] == m["quantization"]["quantizer"] == quantizer
+    assert "fake-quantized" not in m["verification"]["reference"]  # a float run: the reference is the float model
+    if quantizer == "nncf":
+        assert "post-training quantization here" in m["quantization"]["origin"]
+    as_written = m["verification"]["onnxruntime_qdq_as_written"]
+    assert as_written["passed"] and as_written["top1_agreement"] >= 0.9
+    assert m["layer_errors"]["worst"] and (artifact.bundle / "layer_errors.md").is_file()
+
+
+@pytest.mark.slow
+def test_tflite_of_a_qat_run_takes_its_weights_and_says_onnx2tf_calibrated_the_activations(qat_run, tmp_path):
+    artifact = api.export(qat_run["run_dir"], format="tflite", out_dir=tmp_path, verify_images=200)
+    m = artifact.manifest
+    assert (m["precision"], m["quantizer"]) == ("int8", "nncf")
+    q = m["quantization"]
+    assert q["learned_activation_ranges"] is False and "calibrated by onnx2tf" in q["activations"]
+    assert "NNCF's int8 grid" in q["weights"]
+    micro = m["verification"]["tflite_micro"]
+    assert micro["passed"] and micro["vs_float_source"]["top1_agreement"] >= 0.9
+    assert m["tflm"]["arena_bytes"] > 0 and m["c_array"]["header"].endswith(".h")
+    # convolutions carry the ONNX layer names; the report ranks every op of the int8 model
+    layers = [r["layer"] for r in m["layer_errors"]["layers"]]
+    assert any(name.endswith("(Conv) -> CONV_2D") for name in layers) and len(layers) > 50

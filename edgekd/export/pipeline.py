@@ -21,18 +21,12 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..quantize.checkpoint import describe, load_any
 from ..targets import Target, format_bytes, load_target
 from ..train.checkpoint import file_sha256, load_model, read_checkpoint, resolve_model_file
 from . import manifest as manifests
 from .formats import Choice, choose, require_modules
 from .verify import FP32_TOLERANCE, MIN_AGREEMENT, torch_logits
-
-
-def summarise_quantization(state: dict) -> dict:
-    """A quantized checkpoint's quantization state without NNCF's config and the folded-layer list."""
-    out = {k: v for k, v in state.items() if k not in ("config", "folded_batchnorm")}
-    out["folded_batchnorm_layers"] = len(state.get("folded_batchnorm", []))
-    return out
 
 
 @dataclass
@@ -75,7 +69,6 @@ def _pixels(imageset, indices: torch.Tensor, channels: int) -> np.ndarray:
 def load_samples(payload: dict, checkpoint: Path, data: str | None, calib_images: int, verify_images: int) -> Samples:
     from ..config import TrainConfig
     from ..data.datamodule import load_data
-
     from ..quantize.config import CONFIG_NAME, QuantizeConfig
 
     d = payload["data"]
@@ -305,11 +298,7 @@ LAYER_TABLE = "layer_errors.md"
 
 
 def _load(checkpoint: Path, quantization: dict | None) -> tuple[nn.Module, dict]:
-    if quantization is None:
-        return load_model(checkpoint)
-    from ..quantize.checkpoint import load_any
-
-    return load_any(checkpoint)
+    return load_any(checkpoint) if quantization is not None else load_model(checkpoint)
 
 
 def _float_source_logits(quantization: dict | None, samples: Samples, console) -> np.ndarray | None:
@@ -377,7 +366,7 @@ def _manifest(job: Job, result: dict, checkpoint: Path, seconds: float) -> dict:
         },
         "source": {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint),
                    "model": job.payload["model_config"], "metrics": job.payload.get("metrics", {}),
-                   **({"quantized": summarise_quantization(job.quantization)} if job.quantization else {})},
+                   **({"quantized": describe(job.quantization)} if job.quantization else {})},
         "input": io["input"],
         "output": io["output"],
         "ops": result["ops"],

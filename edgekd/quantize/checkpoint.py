@@ -23,3 +23,11 @@ def load_any(source: Path) -> tuple[nn.Module, dict]:
     from .nncf_backend import rebuild
 
     return rebuild(payload, str(path)), payload
+
+
+def describe(quantization: dict) -> dict:
+    """A quantized checkpoint's quantization section for summaries and manifests: without NNCF's config, and the
+    folded BatchNorm layers counted rather than listed."""
+    out = {k: v for k, v in quantization.items() if k not in ("config", "folded_batchnorm")}
+    out["folded_batchnorm_layers"] = len(quantization.get("folded_batchnorm", []))
+    return out

@@ -30,6 +30,7 @@ from ..errors import EdgekdError
 from ..train.checkpoint import file_sha256, load_model, model_payload, read_checkpoint, save_atomic
 from ..train.trainer import Trainer, make_runtime
 from . import nncf_backend
+from .checkpoint import describe
 from .config import CONFIG_NAME, DEFAULTS as D, METHODS, QuantizeConfig
 
 PTQ_FILE = "ptq.pt"
@@ -257,8 +258,7 @@ def _summary(config: QuantizeConfig, source_info: dict, ptq: dict, teacher_info:
         "run_dir": str(run_dir),
         "method": config.method,
         "student": payload["model_config"],
-        "quantization": {**{k: v for k, v in payload["quantization"].items() if k not in ("config", "folded_batchnorm")},
-                         "folded_batchnorm_layers": len(payload["quantization"]["folded_batchnorm"])},
+        "quantization": describe(payload["quantization"]),
         "source": source_info,
         "float_test_acc": source_info["test_acc"],
         "ptq": ptq,
