@@ -9,8 +9,9 @@ DATA_PKG := dataset-fashion-mnist
 $(BIN)/edgekd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch/torchvision come from the pinned pair in pyproject.toml; the export extra pins the TFLite/ONNX toolchain
-	$(BIN)/pip install --quiet -e '.[test,export]'
+	# torch/torchvision come from the pinned pair in pyproject.toml; the export extra pins the TFLite/ONNX toolchain,
+	# the nncf extra NNCF (edgekd quantize)
+	$(BIN)/pip install --quiet -e '.[test,export,nncf]'
 	touch $(BIN)/edgekd
 
 setup: $(BIN)/edgekd data

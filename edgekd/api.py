@@ -24,6 +24,7 @@ from .distill.teacher_outputs import (TEACHER_CACHE_DIR, TeacherCache, TeacherOu
 from .distributed import barrier, init_distributed, shutdown
 from .errors import EdgekdError
 from .export.pipeline import Artifact, export  # noqa: F401  (api.export is the public entry point)
+from .quantize.run import quantize  # noqa: F401  (api.quantize is the public entry point)
 from .models import classifier_parameters, create_model, get_model_info
 from .models.init import init_weights
 from .targets import Target, load_target

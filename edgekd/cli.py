@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from .errors import EdgekdError
-from .export.formats import FORMATS, PRECISIONS
+from .export.formats import FORMATS, PRECISIONS, QUANTIZERS
 
 
 def _console():
@@ -258,11 +258,15 @@ def _print_summary(console, summary: dict) -> None:
 @click.option("--verify-images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out test images the artifact is verified on.")
 @click.option("--dynamic-batch/--static-batch", default=False, show_default=True, help="ONNX only: a dynamic batch dimension.")
+@click.option("--quantizer", type=click.Choice(list(QUANTIZERS)),
+              help="Who makes the int8 model: tflite onnx2tf (default) | nncf; onnx/tensorrt ort (default) | nncf. "
+                   "Runs of `edgekd quantize` always use nncf (their own quantizers).")
 @click.option("--data", help="Data spec for calibration/verification if the run's is not at hand (same dataset; none given: the run's).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Top-1 agreement with PyTorch a quantized artifact must reach.")
 @friendly_errors
-def export_cmd(source, format_, precision, target, out_dir, calib_images, verify_images, dynamic_batch, data, min_agreement):
+def export_cmd(source, format_, precision, target, out_dir, calib_images, verify_images, dynamic_batch, quantizer,
+               data, min_agreement):
     """Export a run (or checkpoint) to ONNX, TFLite or a TensorRT-ready bundle, and verify it.
 
     \b
@@ -270,14 +274,83 @@ def export_cmd(source, format_, precision, target, out_dir, calib_images, verify
       edgekd export runs/demo-cortex-m7 --target cortex-m7
       edgekd export runs/nb --format onnx --dynamic-batch
       edgekd export runs/nb --format tflite --precision int8 --calib-images 500 --out bundles/nb
+      edgekd export runs/nb --format tensorrt --precision int8 --quantizer nncf
+      edgekd export runs/nb-nncf-qat --format tensorrt
     """
     from . import api
 
     console = _console()
     artifact = api.export(source, format=format_, precision=precision, target=target, out_dir=out_dir,
                           calib_images=calib_images, verify_images=verify_images, dynamic_batch=dynamic_batch,
-                          data=data, min_agreement=min_agreement, console=console)
+                          quantizer=quantizer, data=data, min_agreement=min_agreement, console=console)
     console.print("[bold]exported and verified[/] " + "\n".join(artifact.summary_lines()))
+
+
+def _quantize_default(name: str):
+    from .quantize.config import DEFAULTS
+
+    return DEFAULTS[name]
+
+
+@main.command("quantize")
+@click.argument("run", type=click.Path(path_type=Path), required=False)
+@click.option("--method", type=click.Choice(["nncf-ptq", "nncf-qat"]), default=_quantize_default("method"), show_default=True,
+              help="nncf-ptq: NNCF post-training quantization; nncf-qat: PTQ, then quantization-aware training with KD.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the quantized run (default: RUN-METHOD next to RUN).")
+@click.option("--epochs", type=click.IntRange(min=1), default=_quantize_default("epochs"), show_default=True,
+              help="QAT epochs.")
+@click.option("--teacher", type=click.Choice(["float", "run"]), default=_quantize_default("teacher"), show_default=True,
+              help="QAT's distillation teacher: the float student itself, or the teacher RUN was distilled from.")
+@click.option("--temperature", type=float, default=_quantize_default("temperature"), show_default=True,
+              help="KD temperature T (QAT).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=_quantize_default("alpha"), show_default=True,
+              help="Weight of the KD term; 1 - alpha weighs the label cross-entropy (QAT).")
+@click.option("--lr", type=float, default=_quantize_default("lr"), show_default=True,
+              help="Peak QAT learning rate for a batch of 128 (cosine, no warm-up, SGD).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_quantize_default("batch_size"), show_default=True,
+              help="QAT batch size.")
+@click.option("--calib-images", type=click.IntRange(min=1), default=_quantize_default("calib_images"), show_default=True,
+              help="Training images NNCF calibrates on.")
+@click.option("--data", help="Data spec if the run's is not at hand (the same dataset; none given: the run's).")
+@click.option("--seed", type=int, default=_quantize_default("seed"), show_default=True,
+              help="Seed of the calibration subset and QAT batch order.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_quantize_default("device"),
+              show_default=True, help="auto: the GPU when there is one.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue an interrupted quantized run from its last checkpoint.")
+@click.pass_context
+@friendly_errors
+def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha, lr, batch_size, calib_images, data,
+                 seed, device, resume_dir):
+    """Quantize a trained run to int8 with NNCF: post-training, or QAT with distillation (docs/quantize.md).
+
+    The result is a run of its own (best.pt, metrics.jsonl, summary.json) that `edgekd export` turns into
+    int8 artifacts through its own quantizers.
+
+    \b
+    Examples:
+      edgekd quantize runs/demo-cortex-m7
+      edgekd quantize runs/demo-cortex-m7 --method nncf-ptq
+      edgekd quantize runs/demo-cortex-m7 --teacher run --epochs 3 --out runs/demo-int8
+      edgekd quantize --resume runs/demo-cortex-m7-nncf-qat
+    """
+    from . import api
+
+    console = _console()
+    if resume_dir is not None:
+        given = [name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        extra = [n for n in given if n != "resume_dir"]
+        if extra:
+            raise EdgekdError(f"--resume uses the quantized run's saved quantize.yaml; drop "
+                              f"{'RUN' if extra[0] == 'run' else '--' + extra[0].replace('_', '-')}")
+        api.quantize(resume_dir, resume=True, console=console)
+        return
+    if run is None:
+        raise EdgekdError("say which run to quantize: edgekd quantize RUN (or --resume QUANTIZED_RUN)")
+    api.quantize(run, method=method, out=out_dir, epochs=epochs, teacher=teacher, temperature=temperature,
+                 alpha=alpha, lr=lr, batch_size=batch_size, calib_images=calib_images, data=data, seed=seed,
+                 device=device, console=console)
 
 
 @main.group()

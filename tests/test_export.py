@@ -55,7 +55,8 @@ def _test_images(run_dir: Path, n: int = 64) -> np.ndarray:
 @pytest.mark.parametrize(
     "format, precision, target, options, message",
     [
-        ("onnx", "int8", None, {}, "format onnx does not support precision 'int8'"),
+        ("onnx", "fp16", None, {}, "format onnx does not support precision 'fp16'"),
+        ("onnx", "int8", None, {"dynamic_batch": True}, "an int8 QDQ ONNX has a static batch of 1"),
         ("tensorrt", "fp32", None, {}, "use --format onnx for a plain fp32 ONNX"),
         ("tflite", "bf16", None, {}, "use one of fp32, fp16, dynamic-range, int8"),
         ("tflite", "fp32", None, {"dynamic_batch": True}, "format tflite does not take --dynamic-batch"),

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("edgekd.config",),  # TrainConfig validates model edits and init schemes (edgekd.models)
     ("edgekd.distill",),  # methods, their phases (distill.phase.Phase) and the teacher-output cache
     ("edgekd.train",),
+    ("edgekd.quantize",),  # PTQ/QAT of a trained run (QAT runs through the trainer); export loads its models
     ("edgekd.targets", "edgekd.export"),  # a target is what an export must fit: format, precision, memory
     ("edgekd.profile",),
     ("edgekd.api", "edgekd.cli"),

@@ -20,9 +20,11 @@ TOOLS = {
 }
 
 
-def tool_versions(format: str, with_gcc: bool = False) -> dict[str, str]:
+def tool_versions(format: str, with_gcc: bool = False, with_nncf: bool = False) -> dict[str, str]:
     versions = {"python": platform.python_version(), "edgekd": _version("edgekd")}
     versions.update({name: _version(name) for name in TOOLS[format]})
+    if with_nncf:
+        versions.update({name: _version(name) for name in ("nncf", "torchao")})
     if with_gcc and shutil.which("gcc"):
         versions["gcc"] = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
     return versions

@@ -127,7 +127,16 @@ def build(job) -> dict:
     from .verify import LiteRT, check, compare
 
     onnx_path = job.work / "model.onnx"
-    onnx_info = export_onnx(job.model, onnx_path, resolution=job.resolution, channels=job.channels)
+    quantization = None
+    if job.precision == "int8" and job.choice.quantizer == "nncf":
+        model, quantization = _nncf_weights(job)
+        onnx_info = export_onnx(model, onnx_path, resolution=job.resolution, channels=job.channels, fold=False)
+    else:
+        onnx_info = export_onnx(job.model, onnx_path, resolution=job.resolution, channels=job.channels)
+        if job.precision == "int8":
+            quantization = {"quantizer": "onnx2tf", "weights": "int8 symmetric per-channel, from the float weights",
+                            "activations": f"int8 per-tensor, calibrated by onnx2tf on {len(job.samples.calib_pixels)} "
+                                           "training images"}
     calibration = f", calibrating on {len(job.samples.calib_pixels)} training images" if job.precision == "int8" else ""
     job.say(f"converting with onnx2tf ({job.precision}{calibration}; about a minute)")
     converted, info = convert(onnx_path, job.work / "tflite", job.precision, calib_pixels_nchw=job.samples.calib_pixels,
@@ -146,10 +155,19 @@ def build(job) -> dict:
                           "check the onnx2tf version (pinned in the export extra)")
     inputs = runtime.quantize_input(job.samples.test_x.transpose(0, 2, 3, 1))
     raw = runtime.raw(inputs)
-    metrics = compare(job.reference_logits, runtime.logits(raw), job.samples.test_y)
+    logits = runtime.logits(raw)
+    metrics = compare(job.reference_logits, logits, job.samples.test_y)
     metrics.update(runtime="ai-edge-litert (default CPU kernels, XNNPACK)", seconds=round(time.perf_counter() - started, 3))
+    job.compare_with_float_source(metrics, logits)
+    report = None
+    if job.precision == "int8":  # before the gate, so that a failure names the layers
+        from . import layer_errors
+
+        report = layer_errors.tflite_layer_errors(converted.parent / OUTPUT_FILES["fp32"], artifact,
+                                                  job.samples.test_x.transpose(0, 2, 3, 1), onnx_path)
+        job.layer_hint = layer_errors.hint(report)
     check(metrics, job.precision, f"TFLite {job.precision} model", fp32_tolerance=job.fp32_tolerance,
-          min_agreement=job.min_agreement)
+          min_agreement=job.min_agreement, detail=job.layer_hint)
     result = {
         "artifact": artifact,
         "onnx": onnx_info,
@@ -158,6 +176,39 @@ def build(job) -> dict:
         "io": io,
         "verification": {"litert": metrics},
     }
+    if quantization is not None:
+        result["quantization"] = quantization
+    if report is not None:
+        result["layer_errors"] = report
     if job.precision == "int8":
         result.update(tflm.build_micro(job, artifact, inputs, raw, io))
     return result
+
+
+def _nncf_weights(job):
+    """The NNCF model's weights on its int8 grid (QAT-trained for a quantized run) in the plain folded model.
+
+    onnx2tf 1.29 takes a QDQ ONNX but replaces every QuantizeLinear that feeds only DequantizeLinear by its
+    input (ops/QuantizeLinear.py, bypass_fake_quant): weights keep their values, activation ranges are dropped.
+    So the learned activation ranges cannot be handed to it; onnx2tf calibrates activations itself and the
+    manifest says so."""
+    import torch
+
+    from ..quantize import nncf_backend
+    from .qdq import nncf_model
+
+    qmodel, state, _ = nncf_model(job)
+    payload = job.payload if job.quantization else {"model_config": job.payload["model_config"],
+                                                    "state_dict": qmodel.state_dict()}
+    model, on_grid = nncf_backend.grid_weights_model(qmodel, payload, torch.from_numpy(job.samples.test_x[:1]))
+    origin = (f"{state.get('method', 'nncf')} run" if job.quantization else
+              f"NNCF post-training quantization here ({state['calibration_images']} training images)")
+    return model, {
+        "quantizer": "nncf", "origin": origin,
+        "weights": f"NNCF's int8 grid ({on_grid} weight tensors, per-channel): the values NNCF's quantizers give, "
+                   "re-quantized per-channel by the TFLite converter",
+        "activations": f"int8 per-tensor, calibrated by onnx2tf on {len(job.samples.calib_pixels)} training images",
+        "learned_activation_ranges": False,
+        "why": "onnx2tf 1.29 bypasses QuantizeLinear->DequantizeLinear pairs of a QDQ ONNX (keeps the values, drops "
+               "the ranges), so NNCF's activation ranges cannot be handed to it",
+    }

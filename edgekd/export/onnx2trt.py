@@ -4,9 +4,10 @@ TensorRT cannot be installed where edgekd runs its CI (PyPI's wheel needs an unr
 none), and an engine is specific to the GPU and TensorRT version that build it anyway. So this writes what
 the device needs and checks everything that can be checked here:
 - fp16: the plain fp32 ONNX; TensorRT chooses fp16 kernels when building with --fp16.
-- int8: a QDQ ONNX (explicit quantization, the form TensorRT consumes for INT8) from ONNX Runtime's
-  quantize_static, calibrated on the run's training images: symmetric int8 activations and per-channel
-  weights (TensorRT needs zero points of 0), biases left in float.
+- int8: a QDQ ONNX (explicit quantization, the form TensorRT consumes for INT8), see qdq.py: from ONNX
+  Runtime's quantize_static (--quantizer ort, the default for float runs) or from the NNCF model
+  (--quantizer nncf; always for runs of `edgekd quantize`): symmetric int8 activations and per-channel
+  weights (TensorRT needs signed int8 with zero points of 0), biases left in float.
 - `polygraphy check lint` on the model, ONNX Runtime vs PyTorch agreement, reference inputs/outputs saved
   with polygraphy, and the device-side check (`polygraphy run ... --load-outputs`) run here with ONNX Runtime
   standing in for TensorRT, so the command and files are known to work.
@@ -43,48 +44,6 @@ def _failed(proc: subprocess.CompletedProcess) -> str:
     lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith(("[E]", "[!]"))]
     return (errors or lines or [f"exit {proc.returncode}"])[-1][:200]
-
-
-def quantize_qdq(onnx_path: Path, out_path: Path, calib_x: np.ndarray, work: Path) -> dict:
-    """Static int8 QDQ quantization with ONNX Runtime on normalised NCHW calibration images."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(range(len(calib_x)))
-
-        def get_next(self):
-            i = next(self.items, None)
-            return None if i is None else {"input": calib_x[i : i + 1]}
-
-    started = time.perf_counter()
-    prepared = work / "prepared.onnx"
-    quant_pre_process(str(onnx_path), str(prepared))  # shape inference + basic folding, as ORT recommends
-    quantize_static(
-        str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
-    model = onnx.load(str(out_path))
-    foreign = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if foreign:
-        raise EdgekdError(f"the QDQ model uses non-standard op domains {', '.join(foreign)}, which TensorRT cannot parse")
-    # quant_pre_process declares ONNX Runtime's private opsets; no node uses them and TensorRT need not see them
-    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(out_path))
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "int8 symmetric per-tensor",
-            "weights": "int8 symmetric per-channel", "bias": "float", "calibration": "MinMax",
-            "calibration_images": int(len(calib_x)), "ops": dict(sorted(counts.items())),
-            "quantize_s": round(time.perf_counter() - started, 2)}
 
 
 def lint(path: Path, work: Path) -> dict:
@@ -150,34 +109,38 @@ fi
 
 def build(job) -> dict:
     """The `tensorrt` format: TensorRT-ready ONNX + references + build_engine.sh, verified in ONNX Runtime."""
+    from . import qdq
     from .torch2onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
     from .verify import check, compare, onnxruntime_logits
 
-    onnx_path = job.work / "model.onnx"
-    onnx_info = export_onnx(job.model, onnx_path, resolution=job.resolution, channels=job.channels)
     artifact = job.stage / f"{job.stem}.onnx"
-    result: dict = {"artifact": artifact, "onnx": onnx_info}
+    result: dict = {"artifact": artifact}
     if job.precision == "int8":
-        job.say(f"quantizing to QDQ int8 with ONNX Runtime on {len(job.samples.calib_x)} training images")
-        result["quantization"] = quantize_qdq(onnx_path, artifact, job.samples.calib_x, job.work)
+        result["quantization"] = qdq.make(job, artifact)
         result["ops"] = result["quantization"]["ops"]
+        float_onnx = result["quantization"].pop("float_onnx")
+        result["onnx"] = result["quantization"].pop("onnx")
     else:
+        onnx_path = job.work / "model.onnx"
+        result["onnx"] = export_onnx(job.model, onnx_path, resolution=job.resolution, channels=job.channels)
         shutil.copyfile(onnx_path, artifact)
-        result["ops"] = onnx_info["ops"]
+        result["ops"] = result["onnx"]["ops"]
     job.check_flash(artifact)
     job.say("checking with polygraphy and ONNX Runtime")
     result["lint"] = lint(artifact, job.work)
 
-    started = time.perf_counter()
-    logits = onnxruntime_logits(artifact, job.samples.test_x)
-    metrics = compare(job.reference_logits, logits, job.samples.test_y)
-    # fp16: the file is fp32 (TensorRT lowers it on the device), so it must match PyTorch like any fp32 export
-    checked = "fp32" if job.precision == "fp16" else "int8"
-    metrics.update(runtime="onnxruntime", seconds=round(time.perf_counter() - started, 3),
-                   note="fp16 arithmetic happens only in the engine built on the device" if job.precision == "fp16"
-                   else "int8 QDQ simulated by ONNX Runtime")
-    check(metrics, checked, f"TensorRT-ready {job.precision} ONNX", fp32_tolerance=job.fp32_tolerance,
-          min_agreement=job.min_agreement)
+    if job.precision == "int8":
+        result.update(qdq.verify(job, artifact, float_onnx))
+        logits = job.default_logits
+    else:
+        started = time.perf_counter()
+        logits = onnxruntime_logits(artifact, job.samples.test_x)
+        metrics = compare(job.reference_logits, logits, job.samples.test_y)
+        # fp16: the file is fp32 (TensorRT lowers it on the device), so it must match PyTorch like any fp32 export
+        metrics.update(runtime="onnxruntime", seconds=round(time.perf_counter() - started, 3),
+                       note="fp16 arithmetic happens only in the engine built on the device")
+        check(metrics, "fp32", f"TensorRT-ready {job.precision} ONNX", fp32_tolerance=job.fp32_tolerance)
+        result["verification"] = {"onnxruntime": metrics}
     references = reference_data(artifact, job.samples.test_x, logits, job.stage, job.work)
 
     ram = job.target.memory.ram_bytes if job.target else None
@@ -195,7 +158,6 @@ def build(job) -> dict:
                       "dtype": "float32", "quantization": None},
             "output": {"name": OUTPUT_NAME, "shape": [1, job.num_classes], "dtype": "float32", "quantization": None},
         },
-        "verification": {"onnxruntime": metrics},
         "tensorrt": {
             "engine_built": False,
             "engine_build": "on the device, not here: TensorRT is not installable on the export host and an engine "

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
+from ..quantize.checkpoint import describe, load_any
 from ..targets import Target, format_bytes, load_target
-from ..train.checkpoint import file_sha256, load_model, resolve_model_file
+from ..train.checkpoint import file_sha256, load_model, read_checkpoint, resolve_model_file
 from . import manifest as manifests
 from .formats import Choice, choose, require_modules
 from .verify import FP32_TOLERANCE, MIN_AGREEMENT, torch_logits
@@ -68,11 +69,14 @@ def _pixels(imageset, indices: torch.Tensor, channels: int) -> np.ndarray:
 def load_samples(payload: dict, checkpoint: Path, data: str | None, calib_images: int, verify_images: int) -> Samples:
     from ..config import TrainConfig
     from ..data.datamodule import load_data
+    from ..quantize.config import CONFIG_NAME, QuantizeConfig
 
     d = payload["data"]
     spec = data or d["spec"]
-    config_file = checkpoint.parent / "config.yaml"  # the run's split settings, when the checkpoint sits in its run
-    config = TrainConfig.load(config_file) if config_file.is_file() else None
+    # the run's split settings, when the checkpoint sits in its run (a quantized run copied its float run's)
+    config_file, quantize_file = checkpoint.parent / "config.yaml", checkpoint.parent / CONFIG_NAME
+    config = (TrainConfig.load(config_file) if config_file.is_file() else
+              QuantizeConfig.load(quantize_file) if quantize_file.is_file() else None)
     dm = load_data(spec, resolution=d["resolution"], channels=d["channels"], seed=d.get("seed", 0),
                    val_fraction=config.val_fraction if config else 0.1, limit=config.limit if config else None)
     if list(dm.info.class_names) != list(d["class_names"]):
@@ -104,6 +108,19 @@ class Job:
     fp32_tolerance: float
     min_agreement: float
     console: Any = None
+    quantization: dict | None = None  # a quantized run's quantizer state (the model is then fake-quantized)
+    # the float run's logits on the test images, when the model is quantized and its float run is at hand
+    float_source_logits: np.ndarray | None = None
+    layer_hint: str = ""  # the worst layers of the per-layer report, for failure messages
+    default_logits: np.ndarray | None = None  # set by converters that need them twice
+
+    def compare_with_float_source(self, metrics: dict, logits: np.ndarray) -> None:
+        """For a quantized run also record how the artifact agrees with the float model it came from."""
+        if self.float_source_logits is not None:
+            metrics["vs_float_source"] = {
+                "top1_agreement": float((logits.argmax(1) == self.float_source_logits.argmax(1)).mean()),
+                "float_accuracy": float((self.float_source_logits.argmax(1) == self.samples.test_y).mean()),
+            }
 
     @property
     def precision(self) -> str:
@@ -176,12 +193,21 @@ class Artifact:
     def summary_lines(self) -> list[str]:
         m = self.manifest
         lines = [f"{self.format} {self.precision}: {self.path} ({format_bytes(m['artifact']['bytes'])})"]
+        if m.get("quantization", {}).get("quantizer"):
+            q = m["quantization"]
+            lines.append(f"  int8 by {q['quantizer']}: {q.get('origin') or q.get('tool') or q.get('activations', '')}")
         for runtime, v in m["verification"].items():
             if not isinstance(v, dict) or "top1_agreement" not in v:
                 continue
+            vs_float = v.get("vs_float_source")
             lines.append(f"  {runtime}: max abs logit error {v['max_abs_logit_error']:.3g}, top-1 agreement with PyTorch "
                          f"{v['top1_agreement']:.1%}, accuracy {v['accuracy']:.1%} (PyTorch {v['reference_accuracy']:.1%}) "
-                         f"on {v['images']} test images")
+                         f"on {v['images']} test images"
+                         + (f"; vs the float run: agreement {vs_float['top1_agreement']:.1%}, float accuracy "
+                            f"{vs_float['float_accuracy']:.1%}" if vs_float else ""))
+        if m.get("layer_errors", {}).get("worst"):
+            lines.append(f"  worst layers (added int8 error): {', '.join(m['layer_errors']['worst'])} "
+                         f"(table: {LAYER_TABLE})")
         if "tflm" in m:
             lines.append(f"  TFLite Micro tensor arena: {m['tflm']['arena_bytes']:,} B (host, found by bisection)")
         if "c_array" in m:
@@ -201,6 +227,7 @@ def export(
     calib_images: int = 200,
     *,
     dynamic_batch: bool = False,
+    quantizer: str | None = None,
     data: str | None = None,
     verify_images: int = 1000,
     fp32_tolerance: float = FP32_TOLERANCE,
@@ -210,8 +237,9 @@ def export(
     """Export a run directory or model checkpoint and verify the result; see docs/export.md."""
     started = time.perf_counter()
     target_obj = load_target(target) if isinstance(target, str) else target
-    choice = choose(format, precision, target_obj, {"dynamic_batch": dynamic_batch})
-    require_modules(choice.format)
+    options = {"dynamic_batch": dynamic_batch}
+    choice = choose(format, precision, target_obj, options, quantizer=quantizer)
+    require_modules(choice.format, choice.quantizer)
     if calib_images < 1 or verify_images < 1:
         raise EdgekdError("calib_images and verify_images must be at least 1")
     source = Path(source)
@@ -220,8 +248,13 @@ def export(
     if source.is_dir() and not (source / "best.pt").exists() and not (source / "config.yaml").exists():
         raise EdgekdError(f"{source} is not a run directory (no best.pt or config.yaml): pass a folder written by "
                           "`edgekd train` or a .pt checkpoint")
-    model, payload = load_model(source)
     checkpoint = resolve_model_file(source)
+    quantization = read_checkpoint(checkpoint, kind="model").get("quantization")
+    if quantization is not None:  # a run of `edgekd quantize`: int8 through its own quantizers
+        choice = choose(format, precision, target_obj, options, quantizer=quantizer,
+                        quantized=quantization.get("method", "nncf"))
+        require_modules(choice.format, choice.quantizer)
+    model, payload = _load(checkpoint, quantization)
     model.eval()
     if console is not None:
         console.print(f"exporting {payload['model_config']['name']} from {checkpoint} as {choice.format.name} {choice.precision}"
@@ -231,6 +264,7 @@ def export(
                           f"{target_obj.input.resolution} px. The artifact takes {payload['data']['resolution']} px.")
     samples = load_samples(payload, checkpoint, data, calib_images, verify_images)
     reference = torch_logits(model, samples.test_x)
+    float_logits = _float_source_logits(quantization, samples, console)
 
     out_dir = Path(out_dir) if out_dir is not None else (source if source.is_dir() else checkpoint.parent) / "export"
     bundle = out_dir / f"{choice.format.name}-{choice.precision}"
@@ -240,9 +274,14 @@ def export(
     stage.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary folder
     work = Path(tempfile.mkdtemp(prefix="edgekd-export-"))
     job = Job(model, payload, choice, target_obj, stage, work, stem, samples, reference, fp32_tolerance,
-              min_agreement, console)
+              min_agreement, console, quantization, float_logits)
     try:
-        result = choice.format.load_converter()(job)
+        result = choice.format.load_converter(choice.precision)(job)
+        if result.get("layer_errors"):
+            from .layer_errors import markdown
+
+            (stage / LAYER_TABLE).write_text(markdown(result["layer_errors"], f"{stem} ({choice.format.name}, "
+                                                      f"quantizer {choice.quantizer})"))
         manifest = _manifest(job, result, checkpoint, time.perf_counter() - started)
         manifests.write(stage / manifests.MANIFEST_NAME, manifest)
         _replace(stage, bundle)
@@ -253,6 +292,27 @@ def export(
         shutil.rmtree(work, ignore_errors=True)
     return Artifact(bundle / Path(result["artifact"]).name, bundle / manifests.MANIFEST_NAME, choice.format.name,
                     choice.precision, manifest)
+
+
+LAYER_TABLE = "layer_errors.md"
+
+
+def _load(checkpoint: Path, quantization: dict | None) -> tuple[nn.Module, dict]:
+    return load_any(checkpoint) if quantization is not None else load_model(checkpoint)
+
+
+def _float_source_logits(quantization: dict | None, samples: Samples, console) -> np.ndarray | None:
+    """The float run a quantized model came from, on the same test images (when it is at hand, unchanged)."""
+    if quantization is None:
+        return None
+    source = quantization.get("source") or {}
+    path = Path(source.get("checkpoint", ""))
+    if not path.is_file() or file_sha256(path) != source.get("sha256"):
+        if console is not None:
+            console.print(f"note: the float run {path} is not at hand (or changed): agreement with it is not reported")
+        return None
+    model, _ = load_model(path)
+    return torch_logits(model.eval(), samples.test_x)
 
 
 def _replace(stage: Path, bundle: Path) -> None:
@@ -282,7 +342,9 @@ def _manifest(job: Job, result: dict, checkpoint: Path, seconds: float) -> dict:
     data = job.samples.describe()
     if job.precision != "int8":  # only int8 is calibrated
         data.pop("calibration")
-    verification = {"reference": "PyTorch fp32 logits of the checkpoint", **data, **result["verification"]}
+    reference = ("PyTorch fake-quantized (NNCF int8 simulation) logits of the checkpoint" if job.quantization else
+                 "PyTorch fp32 logits of the checkpoint")
+    verification = {"reference": reference, **data, **result["verification"]}
     if "verification_tflm" in result:
         verification["tflite_micro"] = result.pop("verification_tflm")
     extras = {k: v for k, v in result.items() if k not in ("artifact", "io", "verification", "ops")}
@@ -295,6 +357,7 @@ def _manifest(job: Job, result: dict, checkpoint: Path, seconds: float) -> dict:
         "format": job.choice.format.name,
         "precision": job.precision,
         "options": job.options,
+        "quantizer": job.choice.quantizer,
         "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size, "sha256": file_sha256(artifact)},
         "files": files,
         "target": None if target is None else {
@@ -302,12 +365,14 @@ def _manifest(job: Job, result: dict, checkpoint: Path, seconds: float) -> dict:
             "ram_bytes": target.memory.ram_bytes, "fits_flash": artifact.stat().st_size <= target.memory.flash_bytes,
         },
         "source": {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint),
-                   "model": job.payload["model_config"], "metrics": job.payload.get("metrics", {})},
+                   "model": job.payload["model_config"], "metrics": job.payload.get("metrics", {}),
+                   **({"quantized": describe(job.quantization)} if job.quantization else {})},
         "input": io["input"],
         "output": io["output"],
         "ops": result["ops"],
         "verification": verification,
         **extras,
         "timing": {"total_s": round(seconds, 1)},
-        "tools": manifests.tool_versions(job.choice.format.name, with_gcc="c_array" in result),
+        "tools": manifests.tool_versions(job.choice.format.name, with_gcc="c_array" in result,
+                                         with_nncf=job.choice.quantizer == "nncf"),
     }

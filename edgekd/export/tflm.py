@@ -194,7 +194,8 @@ def build_micro(job, artifact: Path, inputs_nhwc: np.ndarray, litert_raw: np.nda
     metrics["vs_litert_reference_kernels"] = _agreement(tflm_raw, reference_raw)
     metrics["vs_litert_default_kernels"] = _agreement(tflm_raw, litert_raw)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    check(metrics, "int8", "TFLite Micro", min_agreement=job.min_agreement)
+    job.compare_with_float_source(metrics, dequantize(tflm_raw, out_q["scale"], out_q["zero_point"]))
+    check(metrics, "int8", "TFLite Micro", min_agreement=job.min_agreement, detail=job.layer_hint)
     if metrics["vs_litert_reference_kernels"]["top1_agreement"] < job.min_agreement:
         raise EdgekdError(f"TFLite Micro and LiteRT's reference kernels agree on top-1 for only "
                           f"{metrics['vs_litert_reference_kernels']['top1_agreement']:.1%} of the test images: "

@@ -5,6 +5,7 @@ is fixed here: NCHW float32, the run's resolution and channels, normalised with 
 """
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections import Counter
@@ -14,20 +15,23 @@ import torch
 from torch import nn
 
 from ..errors import EdgekdError
-from ..models.fold import fold_batchnorm
+from ..models.fold import fold_batchnorm_in_place
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int, dynamic_batch: bool = False) -> dict:
-    """Writes a checked, simplified ONNX file; returns what the manifest records about it."""
+def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int, dynamic_batch: bool = False,
+                fold: bool = True) -> dict:
+    """Writes a checked, simplified ONNX file; returns what the manifest records about it.
+
+    fold=False exports the model as it is: quantized models had their BatchNorm folded before quantizing, and
+    torch.fx cannot trace their quantizers."""
     import onnx
     import onnxsim
 
     path = Path(path)
-    # an untraceable model is exported unfolded: onnxsim folds its BatchNorm into the convolutions anyway
-    folded, traced = fold_batchnorm(model)
+    folded, traced = _folded(model) if fold else (model.eval(), False)
     example = torch.zeros(1, channels, resolution, resolution)
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -64,8 +68,20 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, channels: int,
     }
 
 
+def _folded(model: nn.Module) -> tuple[nn.Module, bool]:
+    """An eval copy with BatchNorm folded into the convolutions in place, so the ONNX node names keep the module
+    paths ('/blocks/blocks.0/conv_dw/conv/Conv'; the per-layer error report shows them). An untraceable model is
+    exported unfolded: onnxsim folds its BatchNorm into the convolutions anyway."""
+    model = copy.deepcopy(model).eval()
+    try:
+        fold_batchnorm_in_place(model)
+    except Exception:  # torch.fx cannot trace data-dependent control flow
+        return model, False
+    return model, True
+
+
 def build(job) -> dict:
-    """The `onnx` format: the ONNX file itself, verified in ONNX Runtime against PyTorch."""
+    """The `onnx` format: the ONNX file itself, verified in ONNX Runtime against PyTorch (int8: qdq.build)."""
     from .verify import check, compare, onnxruntime_logits
 
     path = job.stage / f"{job.stem}.onnx"
@@ -82,10 +98,14 @@ def build(job) -> dict:
         "artifact": path,
         "onnx": info,
         "ops": info["ops"],
-        "io": {
-            "input": {"name": INPUT_NAME, "shape": [batch, job.channels, job.resolution, job.resolution],
-                      "layout": "NCHW", "dtype": "float32", "quantization": None},
-            "output": {"name": OUTPUT_NAME, "shape": [batch, job.num_classes], "dtype": "float32", "quantization": None},
-        },
+        "io": io_spec(job, batch),
         "verification": {"onnxruntime": metrics},
+    }
+
+
+def io_spec(job, batch) -> dict:
+    return {
+        "input": {"name": INPUT_NAME, "shape": [batch, job.channels, job.resolution, job.resolution],
+                  "layout": "NCHW", "dtype": "float32", "quantization": None},
+        "output": {"name": OUTPUT_NAME, "shape": [batch, job.num_classes], "dtype": "float32", "quantization": None},
     }

@@ -29,11 +29,16 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.n
     return np.concatenate(out)
 
 
-def onnxruntime_logits(path, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Runs an ONNX file on the CPU (one image per call when the batch dimension is static)."""
+def onnxruntime_logits(path, x: np.ndarray, threads: int = 1, optimize: bool = True) -> np.ndarray:
+    """Runs an ONNX file on the CPU (one image per call when the batch dimension is static).
+
+    optimize=False runs the graph as written: for a QDQ model every QuantizeLinear/DequantizeLinear is executed
+    in float, the semantics TensorRT implements, where ORT's own int8 fusions round differently."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers are not the user's concern
@@ -59,12 +64,14 @@ class LiteRT:
     kernels="reference" uses the reference kernels, the same code TFLite Micro's reference kernels follow, so
     TFLM must reproduce it (optimised int8 kernels round differently and can differ by several LSB)."""
 
-    def __init__(self, path, kernels: str = "default"):
+    def __init__(self, path, kernels: str = "default", preserve: bool = False):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         resolver = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}[kernels]
         with _quiet_stderr():  # LiteRT announces its XNNPACK delegate on the C stderr
-            self.interpreter = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=resolver)
+            # preserve: keep every intermediate tensor readable after invoke (the per-layer error report)
+            self.interpreter = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=resolver,
+                                           experimental_preserve_all_tensors=preserve)
             self.interpreter.allocate_tensors()
         self.kernels = kernels
         self.input = self.interpreter.get_input_details()[0]
@@ -128,8 +135,9 @@ def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> di
 
 
 def check(metrics: dict, precision: str, what: str, *, fp32_tolerance: float = FP32_TOLERANCE,
-          min_agreement: float = MIN_AGREEMENT) -> dict:
-    """Adds the criterion and its verdict to `metrics`; raises when the artifact does not pass it."""
+          min_agreement: float = MIN_AGREEMENT, detail: str = "") -> dict:
+    """Adds the criterion and its verdict to `metrics`; raises when the artifact does not pass it. `detail` ends
+    the message (for int8: the layers that add the most error)."""
     if precision == "fp32":
         metrics["criterion"] = f"max abs logit error <= {fp32_tolerance:g}"
         if not metrics["max_abs_logit_error"] <= fp32_tolerance:  # also catches NaN
@@ -142,6 +150,6 @@ def check(metrics: dict, precision: str, what: str, *, fp32_tolerance: float = F
             raise EdgekdError(
                 f"{what} agrees with PyTorch on top-1 for only {metrics['top1_agreement']:.1%} of {metrics['images']} test "
                 f"images (needs {min_agreement:.0%}): use more calibration images (--calib-images), a higher precision, "
-                f"or a better-trained model")
+                f"or a better-trained model{detail}")
     metrics["passed"] = True
     return metrics

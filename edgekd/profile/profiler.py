@@ -83,16 +83,27 @@ def _exported_accuracy(manifest: dict | None) -> dict:
             "exported_precision": manifest.get("precision")}
 
 
+def _load_plain(source: Path):
+    """The model to trace: a quantized run's (edgekd quantize) is its folded float architecture with its trained
+    weights, what the int8 artifact computes with; torch.fx cannot trace NNCF's quantizers."""
+    from ..quantize.nncf_backend import float_model
+    from ..train.checkpoint import load_model, read_checkpoint, resolve_model_file
+
+    payload = read_checkpoint(resolve_model_file(source), kind="model")
+    if "quantization" in payload:
+        return float_model(payload), payload
+    return load_model(source)
+
+
 def resolve_source(text: str, resolution: int | None = None) -> Source:
     from ..models import create_model
-    from ..train.checkpoint import load_model
 
     path = Path(text)
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / "best.pt").is_file():
         raise EdgekdError(f"{path} is a run without best.pt (it did not finish an epoch): resume it with "
                           f"`edgekd train --resume {path}` or profile NAME@RESOLUTION")
     if path.is_dir() and (path / "best.pt").is_file():  # a run
-        model, payload = load_model(path)
+        model, payload = _load_plain(path)
         tflite, manifest = _int8_export(path)
         accuracy = {}
         summary = path / "summary.json"
@@ -111,7 +122,7 @@ def resolve_source(text: str, resolution: int | None = None) -> Source:
         model = None
         checkpoint = Path(manifest["source"]["checkpoint"])
         if checkpoint.is_file():
-            model, _ = load_model(checkpoint)
+            model, _ = _load_plain(checkpoint)
             model.eval()
         elif tflite is None:
             raise EdgekdError(f"{path}: its checkpoint {checkpoint} is gone and only int8 .tflite artifacts can be "

@@ -30,7 +30,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def model_payload(model: nn.Module, data: dict, metrics: dict | None = None) -> dict:
-    """A self-describing model file: everything needed to rebuild, evaluate and export the model."""
+    """A self-describing model file: everything needed to rebuild, evaluate and export the model.
+
+    A model may carry more of its description in `checkpoint_extra` (plain data): an NNCF-quantized model
+    carries its quantizers' placement there (edgekd.quantize), so every best.pt of a quantized run rebuilds."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -39,6 +42,7 @@ def model_payload(model: nn.Module, data: dict, metrics: dict | None = None) -> 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "data": data,
         "metrics": metrics or {},
+        **getattr(model, "checkpoint_extra", {}),
     }
 
 
@@ -77,6 +81,9 @@ def load_model(source: Path, *, num_classes: int | None = None) -> tuple[nn.Modu
 
     path = resolve_model_file(source)
     payload = read_checkpoint(path, kind="model")
+    if "quantization" in payload:  # rebuilt by edgekd.quantize (a layer above this one), with NNCF
+        raise EdgekdError(f"{path} is an NNCF-quantized model ({payload['quantization'].get('method', 'nncf')}): "
+                          "export it with `edgekd export`, or use its float run here")
     config = payload["model_config"]
     if num_classes is not None and config.get("num_classes") != num_classes:
         raise EdgekdError(
