@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("edgekd.train",),
     ("edgekd.targets", "edgekd.export"),  # a target is what an export must fit: format, precision, memory
     ("edgekd.profile",),
-    ("edgekd.api", "edgekd.cli"),
+    ("edgekd.api", "edgekd.run", "edgekd.cli"),  # edgekd.run: the orchestration api.run hands its stages to
 ]
 
 
