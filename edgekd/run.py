@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from .errors import EdgekdError
 
 STATE_FILE = "run.json"
 STATE_VERSION = 1
-RAY_CONNECT_TIMEOUT_S = 20.0  # an unreachable --ray-address fails within this, never hangs
+RAY_PROBE_TIMEOUT_S = 5.0  # an unreachable --ray-address fails within this, before anything is written
 DEFAULT_TEACHER = "efficientnet_lite0"  # ImageNet weights shipped offline: fine-tuned, never trained from scratch
 
 
@@ -45,14 +44,15 @@ class Recipe:
     """How every candidate is distilled (and the default teacher fine-tuned). Measured choices, see
     docs/benchmarks.md, section "edgekd run"."""
 
-    epochs: int = 3
+    epochs: int = 2
     method: str = "dist"
     teacher_epochs: int = 1
     teacher_resolution: int = 64  # the pretrained teacher is queried at 64 px: at 32 px it learns far worse
     teacher_lr: float = 0.05
     teacher_warmup_epochs: float = 0.5
-    # augmentation variants per image whose teacher outputs are cached (the students cycle through them)
-    variants: int = 3
+    # augmentation variants per image whose teacher outputs are cached (the students cycle through them);
+    # None: one per epoch, as many distinct views as without a cache
+    variants: int | None = None
     checkpoint_interval_s: float = 60.0  # candidates checkpoint at least this often, so a kill loses little
 
 
@@ -217,7 +217,7 @@ def _candidate_row(job: CandidateJob, run_dir: Path, bundle: Path, profile_path:
         "teacher_cache": {k: (summary.get("teacher_cache") or {}).get(k) for k in ("total_hits", "total_misses")},
         "artifact": {"bundle": str(bundle), "format": manifest.get("format"), "precision": manifest.get("precision"),
                      "files": files},
-        "run_dir": str(run_dir), "epochs": summary.get("epochs"), "train_images_per_s": summary.get("images_per_s"),
+        "run_dir": str(run_dir), "epochs": summary.get("epochs"), "train_images_per_s": summary.get("train_images_per_s"),
     }
 
 
@@ -271,27 +271,22 @@ def execute(spec: RunSpec, stages: Stages, *, budget_minutes: float | None = Non
 
         get_model_info(spec.teacher)  # an unknown zoo name: one line with the closest names
     plan = state["select"] if state else _select(spec, target, info["num_classes"])
-    ray = _connect_ray(workers, ray_address, console)
-    try:
-        if state is None and clock.spent():
-            raise EdgekdError(f"--budget-minutes was spent after {clock.elapsed / 60:.2f} min, before the teacher "
-                              "trained: nothing was trained; give a larger budget (or none)")
-        if state is None:
-            state = {"version": STATE_VERSION, "spec": spec.to_dict(), "select": plan, "stages": {}}
-            write_json(out / STATE_FILE, state)
-            _say(console, f"run {out}: {len(plan['candidates'])} candidates for {target.name}: "
-                          + ", ".join(c["label"] for c in plan["candidates"]))
-        else:
-            _say(console, f"continuing run {out} (finished stages are skipped)")
-        runner = _Runner(spec, stages, target, out, state, clock, console)
-        if needs_teacher:
-            runner.teacher(teacher_check)
-            runner.outputs()
-        runner.sweep(ray, workers, threads, local=ray_address is None)
-        return runner.report()
-    finally:
-        if ray is not None:
-            ray.shutdown()
+    if state is None and clock.spent():
+        raise EdgekdError(f"--budget-minutes was spent after {clock.elapsed / 60:.2f} min, before the teacher "
+                          "trained: nothing was trained; give a larger budget (or none)")
+    if state is None:
+        state = {"version": STATE_VERSION, "spec": spec.to_dict(), "select": plan, "stages": {}}
+        write_json(out / STATE_FILE, state)
+        _say(console, f"run {out}: {len(plan['candidates'])} candidates for {target.name}: "
+                      + ", ".join(c["label"] for c in plan["candidates"]))
+    else:
+        _say(console, f"continuing run {out} (finished stages are skipped)")
+    runner = _Runner(spec, stages, target, out, state, clock, console)
+    if needs_teacher:
+        runner.teacher(teacher_check)
+        runner.outputs()
+    runner.sweep(lambda: _connect_ray(workers, ray_address, console), workers, threads, local=ray_address is None)
+    return runner.report()
 
 
 def _check_method(spec: RunSpec) -> bool:
@@ -388,25 +383,15 @@ def _connect_ray(workers: int, address: str | None, console):
         _say(console, f"note: Ray is not installed (pip install 'edgekd[ray]'), so the {workers} workers become one: "
                       "candidates run one after another")
         return None
-    done: dict = {}
-
-    def connect():
-        try:
-            if address is None:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-            else:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-            done["ok"] = True
-        except Exception as e:  # Ray raises ConnectionError, RuntimeError, ...: all mean no cluster
-            done["error"] = e
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(RAY_CONNECT_TIMEOUT_S)
-    if "ok" not in done:
-        reason = str(done.get("error", f"no answer within {RAY_CONNECT_TIMEOUT_S:g} s")).strip().splitlines()
+    try:
+        if address is None:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        else:  # reachable (probed before anything was written); Ray bounds its own connection attempts
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:  # Ray raises ConnectionError, RuntimeError, ...: all mean no cluster
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise EdgekdError(f"could not start or reach {where}: {reason[0] if reason else 'unknown error'}")
+        raise EdgekdError(f"could not start or reach {where}: {reason}") from None
     return ray
 
 
@@ -421,7 +406,7 @@ def _probe(address: str) -> None:
     if not host or not port.isdigit():
         raise EdgekdError(f"--ray-address must be HOST:PORT (or ray://HOST:PORT, auto), got '{address}'")
     try:
-        with socket.create_connection((host, int(port)), timeout=min(5.0, RAY_CONNECT_TIMEOUT_S)):
+        with socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S):
             pass
     except OSError as e:
         raise EdgekdError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start it with "
@@ -502,7 +487,7 @@ class _Runner:
             student=c["model"], student_options=options, resolution=c["resolution"], teacher=teacher.get("path"),
             teacher_resolution=t_res if logits_only and t_res and t_res > c["resolution"] else None,
             teacher_cache="disk" if logits_only else "auto", teacher_cache_dir=str(self.out / "teacher-cache"),
-            teacher_cache_variants=RECIPE.variants if logits_only else 0, method=self.spec.method,
+            teacher_cache_variants=(RECIPE.variants or self.spec.epochs) if logits_only else 0, method=self.spec.method,
             epochs=self.spec.epochs)
 
     # -- teacher outputs
@@ -525,8 +510,8 @@ class _Runner:
             per_resolution.setdefault(c["resolution"], c)
         stats = {}
         for resolution, c in sorted(per_resolution.items()):
-            _say(self.console, f"teacher outputs: caching them for every training image x {RECIPE.variants} "
-                               f"augmentation variants ({resolution} px students)")
+            _say(self.console, f"teacher outputs: caching them for every training image x "
+                               f"{RECIPE.variants or self.spec.epochs} augmentation variant(s) ({resolution} px students)")
             s = self.stages.fill_teacher_outputs(self.candidate_config(c), console=self.console)
             stats[str(resolution)] = {k: s[k] for k in ("entries", "entries_filled", "bytes", "directory")}
         self._finish("outputs", started, caches=stats)
@@ -537,7 +522,7 @@ class _Runner:
                              str(self.out / "candidates" / f"{c['label']}.json"))
                 for c in self.state["select"]["candidates"]]
 
-    def sweep(self, ray, workers: int, threads: int | None, local: bool) -> None:
+    def sweep(self, connect_ray, workers: int, threads: int | None, local: bool) -> None:
         stage = self._stage("sweep")
         started = time.monotonic()
         jobs = self.jobs()
@@ -552,10 +537,22 @@ class _Runner:
             self._budget_check("any candidate was trained")
         stage.update(state="running")
         self._save()
+        for job in todo:  # each candidate's config, for training it out of band (torchrun: see the README)
+            path = Path(job.state_path).with_suffix(".config.yaml")
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                os.close(fd)
+                job.config.save(Path(tmp))
+                os.replace(tmp, path)
+        ray = connect_ray()  # only now: its processes would idle beside the teacher
         if ray is None:
             self._sequential(todo, threads or os.cpu_count() or 1)
         else:
-            self._ray(ray, todo, workers, threads, local)
+            try:
+                self._ray(ray, todo, workers, threads, local)
+            finally:
+                ray.shutdown()
         states = [(read_json(Path(j.state_path)) or {}).get("state") for j in jobs]
         if all(s in ("done", "failed") for s in states):
             self._finish("sweep", started)
@@ -689,7 +686,7 @@ class _Runner:
         self._finish("report", started, candidates={r["label"]: r["state"] for r in rows})
         _say(self.console, f"report: {self.out / 'report.md'}, {self.out / 'report.html'}")
         if report["recommended"]:
-            _say(self.console, f"recommended: {report['recommended']['reason']}")
+            _say(self.console, f"recommended: {report['recommended']['label']}, {report['recommended']['reason']}")
             _say(self.console, f"firmware-ready artifact: {report['recommended']['artifact']['bundle']}")
         elif any(r["state"] == "done" for r in rows):
             raise EdgekdError(report["no_recommendation"])
@@ -712,5 +709,5 @@ def _progress_note(job: CandidateJob) -> str:
 def _recipe_text(spec: RunSpec, state: dict) -> str:
     limit = f"{spec.limit} training images" if spec.limit else "all training images"
     return (f"{spec.data}, {limit}; each candidate distilled with {spec.method} for {spec.epochs} epoch(s) (seed "
-            f"{spec.seed}) from the teacher's cached outputs ({RECIPE.variants} augmentation variants per image); "
+            f"{spec.seed}) from the teacher's cached outputs ({RECIPE.variants or spec.epochs} augmentation variant(s) per image); "
             f"candidates: {state['select']['how']}")

@@ -69,7 +69,9 @@ def recommend(rows: Sequence[dict], target: Target) -> dict:
     done = [r for r in rows if r.get("state") == "done" and accuracy(r) is not None]
     if not done:
         raise EdgekdError("no candidate finished: nothing to recommend (see the failed and not-run candidates)")
-    fitting = sorted((r for r in done if not misses(r, target)), key=lambda r: -accuracy(r))
+    # equal accuracy: the cheaper one (lower latency, then SRAM)
+    fitting = sorted((r for r in done if not misses(r, target)),
+                     key=lambda r: (-accuracy(r), r.get("latency_ms") or 0.0, r.get("sram_bytes") or 0))
     if not fitting:
         closest = min(done, key=lambda r: max(misses(r, target).values()))
         what = ", ".join(f"{label} by {misses(closest, target)[key]:.0%} ({_amount(key, closest.get(field))} of "
@@ -78,7 +80,7 @@ def recommend(rows: Sequence[dict], target: Target) -> dict:
         raise EdgekdError(f"no finished candidate fits {target.name}: the closest, {closest['label']}, misses {what}; "
                           "try smaller --candidates or a larger target")
     best = fitting[0]
-    reason = (f"{best['label']}: the most accurate ({_acc_text(best)}) of the {len(fitting)} finished candidate(s) "
+    reason = (f"the most accurate ({_acc_text(best)}) of the {len(fitting)} finished candidate(s) "
               f"that fit every budget of {target.name} ({_use(best, target)})")
     if len(fitting) > 1:
         runner_up = fitting[1]
