@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from .errors import EdgekdError
 from .export.formats import FORMATS, PRECISIONS
+from .run import DEFAULT_TEACHER, RECIPE
 
 
 def _console():
@@ -466,16 +467,18 @@ def _candidates(ctx, param, value):
 @click.option("--data", default="fashion-mnist", show_default=True,
               help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
 @click.option("--teacher", help="A trained teacher (run directory or .pt checkpoint), or a zoo model to train here "
-                                "[default: efficientnet_lite0 from ImageNet weights, fine-tuned here].")
+                                f"[default: {DEFAULT_TEACHER} from ImageNet weights, fine-tuned here at "
+                                f"{RECIPE.teacher_resolution} px].")
 @click.option("--candidates", "candidates", default="3", show_default=True, callback=_candidates,
               metavar="K|NAME@RES,...", help="How many students to try, spread along the target's estimated cost "
                                              "front (`edgekd select`), or the students themselves.")
 @click.option("--resolution", type=click.IntRange(min=8), metavar="PX",
               help="Only candidates at this input size [default: the target's and the sizes down to half of it].")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images [default: all].")
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per candidate [default: 3].")
-@click.option("--teacher-epochs", type=click.IntRange(min=1), help="Epochs to train or fine-tune the teacher [default: 1].")
-@click.option("--method", help="Distillation method of every candidate (see `edgekd methods`) [default: dist].")
+@click.option("--epochs", type=click.IntRange(min=1), help=f"Epochs per candidate [default: {RECIPE.epochs}].")
+@click.option("--teacher-epochs", type=click.IntRange(min=1),
+              help=f"Epochs to train or fine-tune the teacher [default: {RECIPE.teacher_epochs}].")
+@click.option("--method", help=f"Distillation method of every candidate (see `edgekd methods`) [default: {RECIPE.method}].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed of every candidate.")
 @click.option("--budget-minutes", type=float, help="Stop launching candidates once this much wall time has passed "
                                                   "(the report covers what finished) [default: no limit].")

@@ -587,6 +587,8 @@ class _Runner:
             _say(self.console, f"{job.label}: {result.get('state')}: {result.get('error')}")
 
     def _sequential(self, todo: list[CandidateJob], threads: int) -> None:
+        from .train.trainer import TrainingInterrupted
+
         for i, job in enumerate(todo):
             if not self._launchable(job):
                 continue
@@ -597,9 +599,10 @@ class _Runner:
                     break
                 except (KeyboardInterrupt, SystemExit):
                     raise
+                except TrainingInterrupted:
+                    raise TrainingInterrupted(f"stopped in candidate {job.label}, its state saved: run the same "
+                                              "edgekd run command again to continue") from None
                 except Exception as e:
-                    if type(e).__name__ == "TrainingInterrupted":
-                        raise
                     result = {"state": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                     if attempt == 1:
                         _say(self.console, f"{job.label}: crashed ({result['error']}); retrying once")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -219,7 +220,7 @@ def test_re_running_the_same_command_retrains_nothing(sequential):
 
 
 @pytest.mark.slow
-def test_ray_with_two_workers_gives_the_sequential_report(sequential, tmp_path):
+def test_ray_with_two_workers_gives_the_sequential_report_even_after_a_worker_dies(sequential, tmp_path):
     pytest.importorskip("ray")
     target, out, report = sequential
     ray_out = tmp_path / "ray"
@@ -227,7 +228,23 @@ def test_ray_with_two_workers_gives_the_sequential_report(sequential, tmp_path):
     spec = json.loads((out / "run.json").read_text())
     (ray_out / "run.json").write_text(json.dumps({**spec, "stages": {"teacher": {
         **spec["stages"]["teacher"], "path": str(ray_out / "teacher")}}}))
+    killed = []
+
+    def kill_small_once():  # its Ray worker dies mid-run: the task is retried once and must give the same result
+        state_path = ray_out / "candidates" / f"{SMALL}.json"
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline and not killed:
+            state = json.loads(state_path.read_text()) if state_path.exists() else {}
+            if state.get("state") == "running" and state.get("pid") not in (None, os.getpid()):
+                os.kill(state["pid"], signal.SIGKILL)
+                killed.append(state["pid"])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_small_once, daemon=True)
+    watcher.start()
     result = api.run(**_sweep_args(target, ray_out, workers=2))
+    watcher.join(timeout=1)
+    assert killed and json.loads((ray_out / "candidates" / f"{SMALL}.json").read_text())["attempts"] == 2
     assert [(r["label"], r["state"], r.get("accuracy")) for r in result["candidates"]] == \
         [(r["label"], r["state"], r.get("accuracy")) for r in report["candidates"]]
     assert result["recommended"]["label"] == report["recommended"]["label"]
@@ -309,3 +326,11 @@ def test_the_html_report_in_a_headless_browser(sequential):
         assert SMALL in page.inner_text("#recommended")
         browser.close()
     assert requests == [page_url]
+
+
+def test_run_help_shows_the_recipe_defaults_and_examples():
+    from edgekd.run import RECIPE
+
+    text = " ".join(CliRunner().invoke(main, ["run", "--help"]).output.split())
+    assert f"Epochs per candidate [default: {RECIPE.epochs}]" in text and f"[default: {RECIPE.method}]" in text
+    assert "Examples: edgekd run --target cortex-m7" in text and "[default: cortex-m7]" in text
