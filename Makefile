@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_PKG := dataset-fashion-mnist
 
-.PHONY: setup data demo test test-fast test-slow test-cuda clean
+.PHONY: setup data browser demo test test-fast test-slow test-cuda clean
 
 $(BIN)/edgekd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision come from the pinned pair in pyproject.toml; the export extra pins the TFLite/ONNX toolchain,
-	# the nncf extra NNCF (edgekd quantize)
-	$(BIN)/pip install --quiet -e '.[test,export,nncf]'
+	# the nncf extra NNCF (edgekd quantize), the ray extra the parallel sweep of edgekd run
+	$(BIN)/pip install --quiet -e '.[test,export,nncf,ray]'
 	touch $(BIN)/edgekd
 
 setup: $(BIN)/edgekd data
@@ -23,21 +23,28 @@ data:
 		apt-get install -y -qq $(DATA_PKG) >/dev/null || (apt-get update -qq && apt-get install -y -qq $(DATA_PKG)); \
 	else echo "note: install Fashion-MNIST with 'sudo apt-get install $(DATA_PKG)' or pass --data fashion-mnist:DIR"; fi
 
-# The main job on the built-in default: teacher + distilled student for a Cortex-M7 on Fashion-MNIST, then the
-# student exported as a verified full-int8 TFLite model (run in TFLite Micro) with its C array, and its profile
-demo: setup
-	$(BIN)/edgekd train --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000 \
-		--teacher resnet18 --teacher-epochs 5 --epochs 10 --run-dir runs/demo-cortex-m7
-	$(BIN)/edgekd export runs/demo-cortex-m7 --target cortex-m7
-	$(BIN)/edgekd profile runs/demo-cortex-m7
+# Chromium for the test that opens edgekd run's HTML report in a real browser (skipped without it)
+browser:
+	@if command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq chromium-headless-shell >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium-headless-shell); \
+	else echo "note: the HTML report test needs 'sudo apt-get install chromium-headless-shell'"; fi
 
-test: setup
+# The main job on the built-in default (Fashion-MNIST, Cortex-M7): `edgekd run` fine-tunes the pretrained teacher
+# once, caches its outputs once, distils 3 students spread along the target's cost front (2 at a time on a local
+# Ray instance), exports each as a verified full-int8 TFLite model (run in TFLite Micro) with its C array,
+# profiles them and recommends one (runs/demo-cortex-m7/report.md, report.html). Run it again: it resumes.
+demo: setup
+	$(BIN)/edgekd run --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000 --workers 2 \
+		--out runs/demo-cortex-m7
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: setup
+test-slow: setup browser
 	$(BIN)/python -m pytest -q -m slow
 
 # on a machine with a CUDA GPU: AMP, the fp16 loss scaler, every method, NCCL DDP (tests/test_cuda.py)

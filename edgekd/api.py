@@ -437,6 +437,78 @@ def train_teacher(config: TrainConfig, *, console=None) -> dict:
         shutdown(runtime.dist)
 
 
+def fill_teacher_outputs(config: TrainConfig, *, console=None, batch_size: int = 256) -> dict:
+    """Run the config's trained teacher once over every (training image, augmentation variant) that a student run
+    with this config asks for, into its disk cache, so that the runs sharing the cache never run the teacher.
+
+    The cache key does not depend on the student, so any config with the same data, teacher, augmentation and
+    variant count (and the same student resolution) hits it. Resumable: filled entries are kept (flushed every
+    30 s). Returns the cache's stats."""
+    if config.teacher_cache != "disk" or not config.teacher or not is_checkpoint_source(config.teacher):
+        raise EdgekdError("fill_teacher_outputs needs a trained teacher checkpoint and teacher_cache: disk")
+    resolved = resolve(config)
+    if not METHODS.get(config.method).teacher_logits_only:
+        raise EdgekdError(f"method '{config.method}' runs its teacher live: there are no teacher outputs to cache")
+    runtime = _runtime(config)
+    try:
+        data = _load(config, resolved.resolution, resolved.channels)
+        teacher_data = (_load(config, resolved.teacher_resolution, resolved.channels)
+                        if resolved.teacher_resolution != resolved.resolution else None)
+        loaded = _check_teacher(config, data.info.num_classes)
+        teacher, info = _prepare_teacher(config, resolved, teacher_data or data, runtime, loaded, console)
+        teacher.input_size = resolved.teacher_resolution
+        views = TrainViews(randaug=config.randaug, mix=config.mix, with_unlabeled=data.unlabeled is not None)
+        if teacher_data is not None:
+            views = dataclasses.replace(views, teacher_data=teacher_data,
+                                        teacher_norm=_teacher_normalisation(info, teacher_data))
+        outputs, variants = _teacher_outputs(config, teacher_data or data, runtime, teacher, console, (), views,
+                                             resolved)
+        cache = outputs.cache
+        source = teacher_data or data
+        # the loader Trainer._train_loader builds (same bank of views), walked in order instead of shuffled
+        loader = source.loader("train", batch_size, shuffle=False, augment=config.augment, variants=variants,
+                               bank_seed=config.split_seed, randaug=views.randaug if config.augment else None,
+                               mix=views.mix if config.augment else None, with_unlabeled=views.with_unlabeled,
+                               resolution=data.resolution if teacher_data is not None else None,
+                               mean=data.mean if teacher_data is not None else None,
+                               std=data.std if teacher_data is not None else None, teacher_norm=views.teacher_norm)
+        n, last_flush = len(loader.images), time.monotonic()
+        for variant in range(max(variants, 1)):
+            for start in range(0, n, batch_size):
+                idx = torch.arange(start, min(start + batch_size, n))
+                if bool(cache.filled[idx.numpy(), variant].all()):
+                    continue  # filled by an earlier, interrupted fill
+                batch = loader.make_batch(idx, torch.full_like(idx, variant))
+                outputs.logits(lambda: batch.teacher_x if batch.teacher_view is not None else batch.x, idx,
+                               torch.full_like(idx, variant))
+                if time.monotonic() - last_flush > 30:
+                    cache.flush()
+                    last_flush = time.monotonic()
+        cache.flush()
+        return cache.stats()
+    finally:
+        shutdown(runtime.dist)
+
+
+def run(*, target: str = "cortex-m7", data: str = "fashion-mnist", teacher: str | None = None,
+        candidates: int | list[str] = 3, resolution: int | None = None, limit: int | None = None,
+        epochs: int | None = None, teacher_epochs: int | None = None, method: str | None = None,
+        seed: int = 0, budget_minutes: float | None = None, workers: int = 1, ray_address: str | None = None,
+        threads: int | None = None, out_dir: str | Path | None = None, console=None) -> dict:
+    """Data to the recommended firmware-ready student (`edgekd run`): teacher, candidates from `select`, each
+    distilled, exported, verified and profiled (sequentially or as Ray tasks), one report. Resumable: the same
+    call on the same `out_dir` skips finished stages. Returns the report (also in OUT/report.json). Defaults
+    of the recipe: edgekd.run.RECIPE. See edgekd/run.py."""
+    from .run import RunSpec, Stages, execute
+
+    spec = RunSpec.make(target=target, data=data, teacher=teacher, candidates=candidates, resolution=resolution,
+                        limit=limit, epochs=epochs, teacher_epochs=teacher_epochs, method=method, seed=seed,
+                        out_dir=out_dir)
+    stages = Stages(train=train, train_teacher=train_teacher, fill_teacher_outputs=fill_teacher_outputs)
+    return execute(spec, stages, budget_minutes=budget_minutes, workers=workers, ray_address=ray_address,
+                   threads=threads, console=console)
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from .errors import EdgekdError
 from .export.formats import FORMATS, PRECISIONS, QUANTIZERS
+from .run import DEFAULT_TEACHER, RECIPE
 
 
 def _console():
@@ -74,6 +75,7 @@ def main():
       edgekd train --target cortex-m7 --data fashion-mnist --epochs 10
       edgekd export runs/mobilenetv3_small_050-kd --target cortex-m7
       edgekd profile runs/mobilenetv3_small_050-kd
+      edgekd run --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000
     """
 
 
@@ -586,6 +588,65 @@ def select_cmd(candidates, target, sweep, resolutions, num_classes):
     console.print(table)
     console.print(result.reason)
     console.print(DEPLOYED_WEIGHTS_NOTE)
+
+
+def _candidates(ctx, param, value):
+    """--candidates K, or NAME@RES[,NAME@RES...]."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+@main.command("run")
+@click.option("--target", default="cortex-m7", show_default=True, help="Device target (see `edgekd targets list`).")
+@click.option("--data", default="fashion-mnist", show_default=True,
+              help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
+@click.option("--teacher", help="A trained teacher (run directory or .pt checkpoint), or a zoo model to train here "
+                                f"[default: {DEFAULT_TEACHER} from ImageNet weights, fine-tuned here at "
+                                f"{RECIPE.teacher_resolution} px].")
+@click.option("--candidates", "candidates", default="3", show_default=True, callback=_candidates,
+              metavar="K|NAME@RES,...", help="How many students to try, spread along the target's estimated cost "
+                                             "front (`edgekd select`), or the students themselves.")
+@click.option("--resolution", type=click.IntRange(min=8), metavar="PX",
+              help="Only candidates at this input size [default: the target's and the sizes down to half of it].")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images [default: all].")
+@click.option("--epochs", type=click.IntRange(min=1), help=f"Epochs per candidate [default: {RECIPE.epochs}].")
+@click.option("--teacher-epochs", type=click.IntRange(min=1),
+              help=f"Epochs to train or fine-tune the teacher [default: {RECIPE.teacher_epochs}].")
+@click.option("--method", help=f"Distillation method of every candidate (see `edgekd methods`) [default: {RECIPE.method}].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed of every candidate.")
+@click.option("--budget-minutes", type=float, help="Stop launching candidates once this much wall time has passed "
+                                                  "(the report covers what finished) [default: no limit].")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Candidates trained at once: > 1 starts a local Ray instance (without Ray: one at a time).")
+@click.option("--ray-address", metavar="HOST:PORT", help="Run the candidates on this Ray cluster (its nodes must "
+                                                         "share OUT) [default: none].")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads per candidate [default: cores / workers].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory; the same command on it continues the run [default: runs/run-<target>].")
+@friendly_errors
+def run_cmd(target, data, teacher, candidates, resolution, limit, epochs, teacher_epochs, method, seed,
+            budget_minutes, workers, ray_address, threads, out_dir):
+    """From data to the recommended firmware-ready student: teacher, candidates, distil, export, profile, report.
+
+    Each candidate is an ordinary edgekd run under OUT/candidates/; OUT/report.md and OUT/report.html say which
+    one to deploy and why. Interrupted? Run the same command again: finished stages are skipped.
+
+    \b
+    Examples:
+      edgekd run --target cortex-m7 --data fashion-mnist --resolution 32 --limit 10000 --out runs/demo-cortex-m7
+      edgekd run --target cortex-m4 --data imagefolder:~/photos --candidates 5 --workers 2 --budget-minutes 60
+      edgekd run --target jetson-orin-nano --data cifar10:~/cifar --teacher runs/t/teacher --ray-address head:6379
+    """
+    from . import api
+
+    console = _console()
+    api.run(target=target, data=data, teacher=teacher, candidates=candidates, resolution=resolution, limit=limit,
+            epochs=epochs, teacher_epochs=teacher_epochs, method=method, seed=seed, budget_minutes=budget_minutes,
+            workers=workers, ray_address=ray_address, threads=threads, out_dir=out_dir, console=console)
 
 
 if __name__ == "__main__":  # last, so that `python -m edgekd.cli` (the form torchrun runs) has every command

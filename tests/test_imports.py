@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("edgekd.quantize",),  # PTQ/QAT of a trained run (QAT runs through the trainer); export loads its models
     ("edgekd.targets", "edgekd.export"),  # a target is what an export must fit: format, precision, memory
     ("edgekd.profile",),
-    ("edgekd.api", "edgekd.cli"),
+    ("edgekd.api", "edgekd.run", "edgekd.cli"),  # edgekd.run: the orchestration api.run hands its stages to
 ]
 
 

@@ -148,6 +148,7 @@ class TeacherCache:
     # ---- disk ---------------------------------------------------------------------------------------
     def _open_disk(self) -> None:
         meta_path = self.directory / "meta.json"
+        meta = None
         if meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
@@ -164,7 +165,10 @@ class TeacherCache:
         self.filled = np.load(filled_path) if filled_path.exists() else np.zeros(self.shape[:2], dtype=bool)
         if self.filled.shape != self.shape[:2]:
             raise EdgekdError(f"teacher cache {self.directory} is damaged (mask shape): delete the directory")
-        (self.directory / "meta.json").write_text(json.dumps(self.key, sort_keys=True))
+        if meta != self.key:  # atomically: runs sharing the cache (edgekd run's candidates) may read it meanwhile
+            tmp = self.directory / f".meta.{os.getpid()}.json"
+            tmp.write_text(json.dumps(self.key, sort_keys=True))
+            os.replace(tmp, meta_path)
         self.warm_entries = int(self.filled.sum())
 
     def flush(self) -> None:
@@ -172,7 +176,7 @@ class TeacherCache:
         if self.directory is None:
             return
         self.rows.flush()
-        tmp = self.directory / ".filled.tmp.npy"
+        tmp = self.directory / f".filled.{os.getpid()}.tmp.npy"  # per process: runs may share the cache
         np.save(tmp, self.filled)
         os.replace(tmp, self.directory / "filled.npy")
 
