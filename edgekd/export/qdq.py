@@ -22,8 +22,6 @@ from ..errors import EdgekdError
 from ..models.fold import fold_batchnorm_in_place
 from .torch2onnx import export_onnx, io_spec
 
-NNCF_BATCH = 50  # NNCF calls the model once per calibration item: batches, not single images
-
 
 def quantize_ort(onnx_path: Path, out_path: Path, calib_x: np.ndarray, work: Path) -> dict:
     """Static int8 QDQ quantization with ONNX Runtime on normalised NCHW calibration images."""
@@ -82,8 +80,8 @@ def nncf_model(job):
         if job.quantization:
             job._nncf = (job.model, job.quantization, nncf_backend.float_model(job.payload))
         else:
-            x = job.samples.calib_x
-            batches = [torch.from_numpy(x[i : i + NNCF_BATCH]) for i in range(0, len(x), NNCF_BATCH)]
+            x, step = job.samples.calib_x, nncf_backend.CALIBRATION_BATCH
+            batches = [torch.from_numpy(x[i : i + step]) for i in range(0, len(x), step)]
             job.say(f"quantizing with NNCF (post-training, {len(x)} training images)")
             qmodel, state = nncf_backend.ptq(job.model, batches)
             folded = copy.deepcopy(job.model).eval()

@@ -35,6 +35,7 @@ INSTALL_HINT = f"pip install 'edgekd[{EXTRA}]'"
 MODULES = ("nncf", "torchao")  # torchao: nncf.strip converts quantizers to torch.ao FakeQuantize modules
 ALLOWED_MODULES = ("nncf.torch.quantization.layers",)  # the only classes a checkpoint may name
 HOOKS_PREFIX = "__nncf_hooks."  # state_dict keys of the inserted quantizers
+CALIBRATION_BATCH = 50  # NNCF calls the model once per dataset item: batches, not single images (~100x faster)
 SCHEME = {"weights": "int8 symmetric per-channel (narrow range)",
           "activations": "int8 symmetric per-tensor, signed, zero point 0",
           "preset": "performance", "batchnorm": "folded into the convolutions before quantizing"}

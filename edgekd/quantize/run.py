@@ -34,7 +34,6 @@ from .checkpoint import describe
 from .config import CONFIG_NAME, DEFAULTS as D, METHODS, QuantizeConfig
 
 PTQ_FILE = "ptq.pt"
-CALIB_BATCH = 50  # NNCF calls the model once per item: batches, not single images (~100x faster statistics)
 
 
 def quantize(
@@ -196,8 +195,9 @@ def calibration_batches(dm: DataModule, n: int, seed: int) -> list[torch.Tensor]
     """`n` training images (a seeded random subset, no augmentation) normalised as in training, in batches."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dm.train), generator=g)[:n].sort().values
-    loader = dm.loader("train", CALIB_BATCH, shuffle=False, augment=False)
-    return [loader.normalize(dm.train.get_batch(idx[i : i + CALIB_BATCH])) for i in range(0, len(idx), CALIB_BATCH)]
+    step = nncf_backend.CALIBRATION_BATCH
+    loader = dm.loader("train", step, shuffle=False, augment=False)
+    return [loader.normalize(dm.train.get_batch(idx[i : i + step])) for i in range(0, len(idx), step)]
 
 
 def _ptq(config: QuantizeConfig, float_model: nn.Module, dm: DataModule, source_info: dict, trainer: Trainer,
