@@ -447,7 +447,7 @@ def fill_teacher_outputs(config: TrainConfig, *, console=None, batch_size: int =
     if config.teacher_cache != "disk" or not config.teacher or not is_checkpoint_source(config.teacher):
         raise EdgekdError("fill_teacher_outputs needs a trained teacher checkpoint and teacher_cache: disk")
     resolved = resolve(config)
-    if not METHODS.get(config.method).teacher_logits_only:
+    if METHODS.get(config.method).teacher_needs != LOGITS:
         raise EdgekdError(f"method '{config.method}' runs its teacher live: there are no teacher outputs to cache")
     runtime = _runtime(config)
     try:
@@ -461,8 +461,8 @@ def fill_teacher_outputs(config: TrainConfig, *, console=None, batch_size: int =
         if teacher_data is not None:
             views = dataclasses.replace(views, teacher_data=teacher_data,
                                         teacher_norm=_teacher_normalisation(info, teacher_data))
-        outputs, variants = _teacher_outputs(config, teacher_data or data, runtime, teacher, console, (), views,
-                                             resolved)
+        outputs, variants = _teacher_outputs(config, teacher_data or data, runtime, teacher, console, config.epochs,
+                                             views=views, resolved=resolved)
         cache = outputs.cache
         source = teacher_data or data
         # the loader Trainer._train_loader builds (same bank of views), walked in order instead of shuffled

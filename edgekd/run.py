@@ -302,6 +302,14 @@ def _check_method(spec: RunSpec) -> bool:
     return METHODS.get(spec.method).requires_teacher
 
 
+def _takes_only_logits(method: str) -> bool:
+    """Whether every phase of the method takes only the teacher's logits (so they can be cached once per run)."""
+    from .distill import METHODS
+    from .distill.step import LOGITS
+
+    return METHODS.get(method).teacher_needs == LOGITS
+
+
 def _is_checkpoint(teacher: str) -> bool:
     return teacher.endswith((".pt", ".pth")) or Path(teacher).is_dir() or "/" in teacher
 
@@ -484,10 +492,8 @@ class _Runner:
                            seed=self.spec.seed, checkpoint_interval_s=RECIPE.checkpoint_interval_s)
 
     def candidate_config(self, c: dict) -> TrainConfig:
-        from .distill import METHODS
-
         teacher = self.state["stages"].get("teacher") or {}
-        logits_only = METHODS.get(self.spec.method).teacher_logits_only and bool(teacher)
+        logits_only = _takes_only_logits(self.spec.method) and bool(teacher)
         t_res = teacher.get("resolution")
         options = dict(c["model_options"])
         if c.get("width_mult") is not None:
@@ -502,12 +508,10 @@ class _Runner:
 
     # -- teacher outputs
     def outputs(self) -> None:
-        from .distill import METHODS
-
         stage = self._stage("outputs")
         if stage["state"] == "done":
             return
-        if not METHODS.get(self.spec.method).teacher_logits_only:
+        if not _takes_only_logits(self.spec.method):
             stage.update(state="skipped", note=f"{self.spec.method} runs its teacher live")
             self._save()
             return

@@ -453,6 +453,25 @@ def test_serial_reader_takes_the_last_complete_run_from_a_pty():
     assert run["output"][:4] == [-128, 12, -3, 127] and run["model_fnv1a"] == 0xDEADBEEF and lines[0].startswith(PREFIX)
 
 
+def test_a_port_opened_mid_run_skips_that_runs_tail(monkeypatch):
+    import serial
+
+    master, slave = os.openpty()
+
+    class OpenedMidRun(serial.Serial):
+        def open(self):
+            super().open()  # flushes what arrived before; then the rest of a run whose `begin` line went by
+            os.write(master, "".join(line + "\r\n" for line in TRANSCRIPT[3:] + TRANSCRIPT).encode())
+
+    monkeypatch.setattr(serial, "Serial", OpenedMidRun)
+    try:
+        lines = serial_bench.read_lines(os.ttyname(slave), timeout_s=20)
+    finally:
+        os.close(master), os.close(slave)
+    assert lines[0].split()[2] == "begin" and len(lines) == len([t for t in TRANSCRIPT if t.startswith(PREFIX)]) - 1
+    assert serial_bench.parse(lines)["cycles"] == [4800000, 4900000, 5000000]
+
+
 @pytest.mark.parametrize("lines, message", [
     (TRANSCRIPT[:2] + [f"{PREFIX} v1 error stage=allocate"], "stopped at stage 'allocate'"),
     (TRANSCRIPT[:5] + TRANSCRIPT[-1:], "incomplete benchmark: 1 of 3 runs, no output line"),

@@ -39,6 +39,7 @@ def read_lines(port: str, *, baud: int = DEFAULT_BAUD, timeout_s: float = DEFAUL
                           "path and that no serial monitor holds it") from None
     lines: list[str] = []
     buffer = b""
+    started = False
     deadline = time.monotonic() + timeout_s
     try:
         with port_:
@@ -54,7 +55,9 @@ def read_lines(port: str, *, baud: int = DEFAULT_BAUD, timeout_s: float = DEFAUL
                     text = raw.decode("ascii", errors="replace").strip()
                     if text.startswith(f"{PREFIX} {VERSION} begin"):
                         lines = []  # a reset board starts over: keep only the latest run
-                    if text.startswith(PREFIX):
+                        started = True
+                    # a port opened mid-run holds that run's tail: it is skipped until the next `begin`
+                    if started and text.startswith(PREFIX):
                         lines.append(text)
                     if text.startswith((f"{PREFIX} {VERSION} end", f"{PREFIX} {VERSION} error")) and lines:
                         return lines
