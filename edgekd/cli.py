@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .agent import protocol
 from .errors import EdgekdError
 from .export.formats import FORMATS, PRECISIONS, QUANTIZERS
+from .quantize import config as qconfig  # QuantizeConfig's defaults and choices
 from .run import DEFAULT_TEACHER, RECIPE
 
 
@@ -288,36 +290,30 @@ def export_cmd(source, format_, precision, target, out_dir, calib_images, verify
     console.print("[bold]exported and verified[/] " + "\n".join(artifact.summary_lines()))
 
 
-def _quantize_default(name: str):
-    from .quantize.config import DEFAULTS
-
-    return DEFAULTS[name]
-
-
 @main.command("quantize")
 @click.argument("run", type=click.Path(path_type=Path), required=False)
-@click.option("--method", type=click.Choice(["nncf-ptq", "nncf-qat"]), default=_quantize_default("method"), show_default=True,
+@click.option("--method", type=click.Choice(qconfig.METHODS), default=qconfig.DEFAULTS["method"], show_default=True,
               help="nncf-ptq: NNCF post-training quantization; nncf-qat: PTQ, then quantization-aware training with KD.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the quantized run (default: RUN-METHOD next to RUN).")
-@click.option("--epochs", type=click.IntRange(min=1), default=_quantize_default("epochs"), show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=qconfig.DEFAULTS["epochs"], show_default=True,
               help="QAT epochs.")
-@click.option("--teacher", type=click.Choice(["float", "run"]), default=_quantize_default("teacher"), show_default=True,
+@click.option("--teacher", type=click.Choice(qconfig.TEACHERS), default=qconfig.DEFAULTS["teacher"], show_default=True,
               help="QAT's distillation teacher: the float student itself, or the teacher RUN was distilled from.")
-@click.option("--temperature", type=float, default=_quantize_default("temperature"), show_default=True,
+@click.option("--temperature", type=float, default=qconfig.DEFAULTS["temperature"], show_default=True,
               help="KD temperature T (QAT).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=_quantize_default("alpha"), show_default=True,
+@click.option("--alpha", type=click.FloatRange(0, 1), default=qconfig.DEFAULTS["alpha"], show_default=True,
               help="Weight of the KD term; 1 - alpha weighs the label cross-entropy (QAT).")
-@click.option("--lr", type=float, default=_quantize_default("lr"), show_default=True,
+@click.option("--lr", type=float, default=qconfig.DEFAULTS["lr"], show_default=True,
               help="Peak QAT learning rate for a batch of 128 (cosine, no warm-up, SGD).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_quantize_default("batch_size"), show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=qconfig.DEFAULTS["batch_size"], show_default=True,
               help="QAT batch size.")
-@click.option("--calib-images", type=click.IntRange(min=1), default=_quantize_default("calib_images"), show_default=True,
+@click.option("--calib-images", type=click.IntRange(min=1), default=qconfig.DEFAULTS["calib_images"], show_default=True,
               help="Training images NNCF calibrates on.")
 @click.option("--data", help="Data spec if the run's is not at hand (the same dataset; none given: the run's).")
-@click.option("--seed", type=int, default=_quantize_default("seed"), show_default=True,
+@click.option("--seed", type=int, default=qconfig.DEFAULTS["seed"], show_default=True,
               help="Seed of the calibration subset and QAT batch order.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_quantize_default("device"),
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=qconfig.DEFAULTS["device"],
               show_default=True, help="auto: the GPU when there is one.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Continue an interrupted quantized run from its last checkpoint.")
@@ -471,7 +467,7 @@ def methods():
 @click.option("--batch", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Batch size on the agent; throughput is reported at it (an ONNX model needs --dynamic-batch).")
 @click.option("--device-threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Runtime threads on the agent.")
-@click.option("--device-runtime", type=click.Choice(["auto", "onnxruntime", "litert", "tensorrt"]), default="auto",
+@click.option("--device-runtime", type=click.Choice(protocol.RUNTIMES), default="auto",
               show_default=True, help="Runtime on the agent; auto: the bundle's (TensorRT only if the agent allows builds).")
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,
               help="Refit the target's latency coefficients to the device measurements (old values kept in the YAML's history).")
