@@ -43,6 +43,7 @@ def test_scratch_training_learns_digits(tmp_path):
     assert best["model_config"]["name"] == TINY and best["data"]["num_classes"] == 10
 
 
+@pytest.mark.slow  # an end-to-end run (make test-slow): a teacher, then two students, ~30 s on one core
 def test_kd_trains_a_teacher_then_distills(tmp_path):
     cfg = config(tmp_path, "kd", method="kd", teacher="resnet18", teacher_options={"low_res_stem": False},
                  teacher_epochs=3, epochs=4, method_options={"temperature": "4", "alpha": "0.9"})
