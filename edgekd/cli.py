@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .agent import protocol
 from .errors import EdgekdError
 from .export.formats import FORMATS, PRECISIONS, QUANTIZERS
+from .quantize import config as qconfig  # QuantizeConfig's defaults and choices
 from .run import DEFAULT_TEACHER, RECIPE
 
 
@@ -80,17 +82,17 @@ def main():
 
 
 @main.command()
-@click.option("--target", help="Device target (see `edgekd targets list`): sets resolution, channels, model options.")
+@click.option("--target", help="Device target (see `edgekd targets list`): sets resolution, channels, model options (none given: no target).")
 @click.option("--data", help="fashion-mnist[:DIR] | digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH | idx:DIR")
 @click.option("--student", help="Student architecture (see `edgekd models`), or 'auto' to pick the largest that fits --target.")
-@click.option("--student-edit", help="Make the student from the teacher with blocks deleted/inserted, e.g. 'delete:3,5;insert:7' (docs/methods.md, mld).")
+@click.option("--student-edit", help="Make the student from the teacher with blocks deleted/inserted, e.g. 'delete:3,5;insert:7' (docs/methods.md, mld; none given: --student).")
 @click.option("--student-init", metavar="SCHEME", help="Re-initialise the student: xavier | normal:MEAN,STD | constant:VALUE (robustness experiments).")
-@click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1.")
+@click.option("--student-opt", "student_opts", multiple=True, metavar="KEY=VALUE", help="Student model option, e.g. dropout=0.1 (none given: the target's, else the model's defaults).")
 @click.option("--teacher", help="Teacher: a zoo model (trained first), a checkpoint .pt or a run directory; 'none' for no teacher.")
 @click.option("--teacher-pretrained/--no-teacher-pretrained", default=None, help="Start the teacher from offline ImageNet weights (efficientnet_lite0).")
 @click.option("--teacher-epochs", type=int, help="Epochs to train a zoo teacher on the data.")
 @click.option("--teacher-resolution", type=int, metavar="PX",
-              help="Train and query the teacher at this resolution (>= the student's); the student gets the same augmented view resized.")
+              help="Train and query the teacher at this resolution (>= the student's; none given: the student's); the student gets the same augmented view resized.")
 @click.option("--teacher-lr", type=float, help="Peak learning rate of the teacher's training.")
 @click.option("--teacher-body-lr-scale", type=float, metavar="S",
               help="Fine-tuning: the teacher's body (all but the classifier) trains at S x its lr (0 < S <= 1).")
@@ -101,7 +103,7 @@ def main():
 @click.option("--teacher-cache-dir", help="Where disk caches live (none given: ~/.cache/edgekd/teacher-outputs, or under $EDGEKD_CACHE_DIR).")
 @click.option("--teacher-autocast", type=click.Choice(["off", "bf16", "fp16"]), help="Teacher inference precision.")
 @click.option("--method", help="Distillation method (see `edgekd methods`).")
-@click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. temperature=4 alpha=0.9 label_smoothing=0.1.")
+@click.option("--opt", "method_opts", multiple=True, metavar="KEY=VALUE", help="Method option, e.g. temperature=4 alpha=0.9 label_smoothing=0.1 (none given: the defaults in `edgekd methods`).")
 @click.option("--epochs", type=int, help="Student training epochs.")
 @click.option("--batch-size", type=int, help="Global batch size (split across processes under torchrun).")
 @click.option("--micro-batches", type=int, help="Split each batch into this many forward passes (gradient accumulation).")
@@ -110,9 +112,9 @@ def main():
 @click.option("--weight-decay", type=float, help="Weight decay of the student phase(s) (not on biases and norms).")
 @click.option("--warmup-epochs", type=float, help="Linear learning-rate warm-up, in epochs, before the cosine decay.")
 @click.option("--grad-clip", type=float, help="Clip the global gradient norm (0: off).")
-@click.option("--resolution", type=int, help="Input size in pixels (default: the target's).")
-@click.option("--channels", type=click.IntRange(1, 3), help="Input channels, 1 or 3 (default: the target's).")
-@click.option("--limit", type=int, help="Use at most this many training images (quick runs).")
+@click.option("--resolution", type=int, help="Input size in pixels (default: the target's, else 32).")
+@click.option("--channels", type=click.IntRange(1, 3), help="Input channels, 1 or 3 (default: the target's, else 3).")
+@click.option("--limit", type=int, help="Use at most this many training images (quick runs; none given: all).")
 @click.option("--strict-data/--no-strict-data", default=None,
               help="Stop at an unreadable image file instead of skipping it (skipped files are listed in the run).")
 @click.option("--augment/--no-augment", default=None, help="Random crop/flip (and --randaug/--mixup/--cutmix) on training images.")
@@ -121,15 +123,15 @@ def main():
 @click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix per image with lambda ~ Beta(ALPHA, ALPHA) (0: off; timm uses 1.0).")
 @click.option("--mix-prob", type=float, help="Probability that an image is mixed.")
 @click.option("--labels-per-class", type=float, metavar="N",
-              help="Keep only N labels per class (or a fraction < 1 of the train split); the rest can join --unlabeled rest.")
+              help="Keep only N labels per class (or a fraction < 1 of the train split; none given: all); the rest can join --unlabeled rest.")
 @click.option("--unlabeled", metavar="SPEC",
-              help="Images distilled from the teacher without labels: any --data source (labels ignored), or 'rest'.")
+              help="Images distilled from the teacher without labels: any --data source (labels ignored), or 'rest' (none given: labelled images only).")
 @click.option("--seed", type=int, help="Seed of the initialisation, batch order and augmentation (the splits use split_seed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: the GPU when there is one.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (bf16, else fp16 with loss scaling).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML with TrainConfig keys; flags override it.")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run is written (default runs/<student>-<method>).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue an interrupted run from its last checkpoint.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML with TrainConfig keys; flags override it (none given: the defaults shown).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run is written (default: runs/<student>-<method>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue an interrupted run from its last checkpoint (none given: a new run).")
 @click.pass_context
 @friendly_errors
 def train(ctx, **kw):
@@ -251,8 +253,9 @@ def _print_summary(console, summary: dict) -> None:
 @click.option("--format", "format_", type=click.Choice(list(FORMATS)),
               help="Artifact format (default: the target's).")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)),
-              help="Numeric precision (default: the target's, else the format's: onnx fp32, tflite fp32, tensorrt fp16).")
-@click.option("--target", help="Device target: picks format/precision and checks flash and RAM (see `edgekd targets list`).")
+              help="Numeric precision (default: the target's, else the format's: "
+                   + ", ".join(f"{f.name} {f.default_precision}" for f in FORMATS.values()) + ").")
+@click.option("--target", help="Device target: picks format/precision and checks flash and RAM (see `edgekd targets list`; none given: no checks, --format needed).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the artifact bundle (default: SOURCE's export/).")
 @click.option("--calib-images", type=click.IntRange(min=1), default=200, show_default=True,
@@ -261,8 +264,10 @@ def _print_summary(console, summary: dict) -> None:
               help="Held-out test images the artifact is verified on.")
 @click.option("--dynamic-batch/--static-batch", default=False, show_default=True, help="ONNX only: a dynamic batch dimension.")
 @click.option("--quantizer", type=click.Choice(list(QUANTIZERS)),
-              help="Who makes the int8 model: tflite onnx2tf (default) | nncf; onnx/tensorrt ort (default) | nncf. "
-                   "Runs of `edgekd quantize` always use nncf (their own quantizers).")
+              help="Who makes the int8 model (default: "
+                   + ", ".join(f"{f.name} {f.quantizers[0]}" for f in FORMATS.values() if f.quantizers)
+                   + "; each also takes " + " | ".join(sorted({q for f in FORMATS.values() for q in f.quantizers[1:]}))
+                   + "). Runs of `edgekd quantize` always use nncf (their own quantizers).")
 @click.option("--data", help="Data spec for calibration/verification if the run's is not at hand (same dataset; none given: the run's).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Top-1 agreement with PyTorch a quantized artifact must reach.")
@@ -288,39 +293,33 @@ def export_cmd(source, format_, precision, target, out_dir, calib_images, verify
     console.print("[bold]exported and verified[/] " + "\n".join(artifact.summary_lines()))
 
 
-def _quantize_default(name: str):
-    from .quantize.config import DEFAULTS
-
-    return DEFAULTS[name]
-
-
 @main.command("quantize")
 @click.argument("run", type=click.Path(path_type=Path), required=False)
-@click.option("--method", type=click.Choice(["nncf-ptq", "nncf-qat"]), default=_quantize_default("method"), show_default=True,
+@click.option("--method", type=click.Choice(qconfig.METHODS), default=qconfig.DEFAULTS["method"], show_default=True,
               help="nncf-ptq: NNCF post-training quantization; nncf-qat: PTQ, then quantization-aware training with KD.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of the quantized run (default: RUN-METHOD next to RUN).")
-@click.option("--epochs", type=click.IntRange(min=1), default=_quantize_default("epochs"), show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=qconfig.DEFAULTS["epochs"], show_default=True,
               help="QAT epochs.")
-@click.option("--teacher", type=click.Choice(["float", "run"]), default=_quantize_default("teacher"), show_default=True,
+@click.option("--teacher", type=click.Choice(qconfig.TEACHERS), default=qconfig.DEFAULTS["teacher"], show_default=True,
               help="QAT's distillation teacher: the float student itself, or the teacher RUN was distilled from.")
-@click.option("--temperature", type=float, default=_quantize_default("temperature"), show_default=True,
+@click.option("--temperature", type=float, default=qconfig.DEFAULTS["temperature"], show_default=True,
               help="KD temperature T (QAT).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=_quantize_default("alpha"), show_default=True,
+@click.option("--alpha", type=click.FloatRange(0, 1), default=qconfig.DEFAULTS["alpha"], show_default=True,
               help="Weight of the KD term; 1 - alpha weighs the label cross-entropy (QAT).")
-@click.option("--lr", type=float, default=_quantize_default("lr"), show_default=True,
+@click.option("--lr", type=float, default=qconfig.DEFAULTS["lr"], show_default=True,
               help="Peak QAT learning rate for a batch of 128 (cosine, no warm-up, SGD).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_quantize_default("batch_size"), show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=qconfig.DEFAULTS["batch_size"], show_default=True,
               help="QAT batch size.")
-@click.option("--calib-images", type=click.IntRange(min=1), default=_quantize_default("calib_images"), show_default=True,
+@click.option("--calib-images", type=click.IntRange(min=1), default=qconfig.DEFAULTS["calib_images"], show_default=True,
               help="Training images NNCF calibrates on.")
 @click.option("--data", help="Data spec if the run's is not at hand (the same dataset; none given: the run's).")
-@click.option("--seed", type=int, default=_quantize_default("seed"), show_default=True,
+@click.option("--seed", type=int, default=qconfig.DEFAULTS["seed"], show_default=True,
               help="Seed of the calibration subset and QAT batch order.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_quantize_default("device"),
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=qconfig.DEFAULTS["device"],
               show_default=True, help="auto: the GPU when there is one.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Continue an interrupted quantized run from its last checkpoint.")
+              help="Continue an interrupted quantized run from its last checkpoint (none given: a new one from RUN).")
 @click.pass_context
 @friendly_errors
 def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha, lr, batch_size, calib_images, data,
@@ -471,7 +470,7 @@ def methods():
 @click.option("--batch", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Batch size on the agent; throughput is reported at it (an ONNX model needs --dynamic-batch).")
 @click.option("--device-threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Runtime threads on the agent.")
-@click.option("--device-runtime", type=click.Choice(["auto", "onnxruntime", "litert", "tensorrt"]), default="auto",
+@click.option("--device-runtime", type=click.Choice(protocol.RUNTIMES), default="auto",
               show_default=True, help="Runtime on the agent; auto: the bundle's (TensorRT only if the agent allows builds).")
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,
               help="Refit the target's latency coefficients to the device measurements (old values kept in the YAML's history).")
@@ -549,7 +548,7 @@ def agent_cmd(host, port, token_file, work_dir, max_upload_mb, queue_size, job_t
 @main.command("select")
 @click.argument("candidates", nargs=-1)
 @click.option("--target", required=True, help="Device target (see `edgekd targets list`).")
-@click.option("--sweep", help="arch=NAME[,NAME];width=W[,W];res=R[,R] (cross product).")
+@click.option("--sweep", help="arch=NAME[,NAME];width=W[,W];res=R[,R] (cross product; none given: CANDIDATES).")
 @click.option("--resolutions", multiple=True, callback=_comma_list, help="Comma-separated resolutions for bare candidate names (none given: the target's).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True,
               help="Classes of the classifier head (its size counts in flash and MACs).")

@@ -104,6 +104,19 @@ def test_every_command_documents_its_options_and_ends_with_examples():
         assert "Example" in text.split("Options:")[0], f"edgekd {' '.join(path)} --help shows no examples"
 
 
+def test_every_option_shows_or_states_its_default():
+    """Each option's help shows its default ([default: ...]), or says what happens without it (none given)."""
+    import click
+
+    for path, command in _commands(main):
+        ctx = click.Context(command, info_name=path[-1])
+        for param in command.params:
+            if isinstance(param, click.Option):
+                _, text = param.get_help_record(ctx)
+                said = any(s in text for s in ("[default:", "(default:", "none given", "[required]"))
+                assert said, f"edgekd {' '.join(path)} {param.opts[0]}: help neither shows nor states its default"
+
+
 def test_train_help_shows_the_config_defaults():
     from edgekd.config import TrainConfig
 

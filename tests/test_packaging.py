@@ -60,3 +60,14 @@ def test_wheel_installs_into_a_fresh_venv_and_finds_its_targets(tmp_path):
     assert out.returncode == 0, out.stderr
     for name in ("cortex-m7", "jetson-nano", "esp32-s3"):
         assert name in out.stdout
+
+
+def test_license_is_an_spdx_string_not_the_deprecated_table():
+    """setuptools deprecates `project.license = {text/file = ...}` (builds break after 2027-02); an SPDX string
+    needs setuptools >= 77 at build time."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in meta["build-system"]["requires"]
+    assert not any(c.startswith("License ::") for c in meta["project"].get("classifiers", []))  # SPDX replaces them

@@ -7,11 +7,13 @@ from types import MappingProxyType
 from typing import Mapping
 
 import pytest
+import yaml
 
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill.kd import KDOptions
 from edgekd.errors import ValidationError
 from edgekd.models import create_model
+from edgekd.quantize.config import QuantizeConfig
 from edgekd.targets import load_target, parse_target
 from edgekd.validate import build, setting
 
@@ -96,3 +98,20 @@ def test_build_nests_dataclasses_parses_text_and_says_what_a_missing_key_needs()
     assert _message(lambda: build(_Outer, {"inner": [1]})) == "key 'inner' must be a mapping of keys, got list [1]"
     assert _message(lambda: build(_Outer, {"inner": {"size": 1}, "names": {"a": 1}})) == (
         "key 'names.a' must be a string, got int 1")
+
+
+def test_quantize_yaml_is_checked_by_the_same_validator(tmp_path):
+    good = QuantizeConfig(source="runs/a", run_dir="runs/a-nncf-qat")
+    good.save(tmp_path / "quantize.yaml")
+    assert QuantizeConfig.load(tmp_path / "quantize.yaml") == good
+    path = tmp_path / "q.yaml"
+    for data, message in [
+        ({**good.to_dict(), "epoch": 3}, "unknown key 'epoch'; did you mean 'epochs'?"),
+        ({"run_dir": "runs/b"}, "missing key 'source'; add it (a string)"),
+        ({**good.to_dict(), "epochs": "two"}, "key 'epochs' must be a whole number, got str 'two'"),
+        ({**good.to_dict(), "alpha": 1.5}, "key 'alpha' must be a number in [0, 1] (the weight of the KD term), got 1.5"),
+    ]:
+        path.write_text(yaml.safe_dump(data))
+        assert _message(lambda: QuantizeConfig.load(path)) == f"{path}: {message}"
+    assert _message(lambda: good.replace(teacher="teacher")) == (
+        "quantize config: key 'teacher' is 'teacher', must be one of float, run")

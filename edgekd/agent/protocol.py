@@ -8,7 +8,6 @@ its reference files. Standard library only.
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import tarfile
@@ -112,7 +111,3 @@ def pack(files: dict[str, bytes | Path]) -> bytes:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
-
-
-def request_bytes(**fields) -> bytes:
-    return json.dumps(validate_request(fields)).encode()

@@ -42,7 +42,7 @@ class Format:
         return getattr(importlib.import_module(f"edgekd.export.{module}"), fn)
 
 
-_ONNX = ("onnx", "onnxruntime", "onnxsim")
+_ONNX = ("onnx", "onnxsim", "onnxruntime")
 
 # Who turns a float model into int8. A quantized run (edgekd quantize) always exports through "nncf": its own
 # quantizers are the point of it.

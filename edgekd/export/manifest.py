@@ -9,22 +9,21 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from .formats import FORMATS, NNCF_MODULES
+
 MANIFEST_NAME = "manifest.json"
 VERSION = 1
 
-# distributions whose versions decide what an artifact contains, per format
-TOOLS = {
-    "onnx": ("torch", "onnx", "onnxsim", "onnxruntime"),
-    "tflite": ("torch", "onnx", "onnxsim", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert", "tflite-micro"),
-    "tensorrt": ("torch", "onnx", "onnxsim", "onnxruntime", "polygraphy", "onnx-graphsurgeon"),
-}
+# distributions whose versions decide what an artifact contains, per format: torch and the modules its converter
+# needs (the formats table; a module's distribution is its import name with '-' for '_')
+TOOLS = {name: ("torch", *(m.replace("_", "-") for m in f.modules)) for name, f in FORMATS.items()}
 
 
 def tool_versions(format: str, with_gcc: bool = False, with_nncf: bool = False) -> dict[str, str]:
     versions = {"python": platform.python_version(), "edgekd": _version("edgekd")}
     versions.update({name: _version(name) for name in TOOLS[format]})
     if with_nncf:
-        versions.update({name: _version(name) for name in ("nncf", "torchao")})
+        versions.update({name: _version(name) for name in NNCF_MODULES})
     if with_gcc and shutil.which("gcc"):
         versions["gcc"] = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
     return versions

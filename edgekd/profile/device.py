@@ -20,9 +20,9 @@ import numpy as np
 
 from ..agent import protocol
 from ..errors import EdgekdError
+from ..export.verify import FP32_TOLERANCE  # the export's criterion for fp32 artifacts
 
 REFERENCE_INPUTS = 4
-FP32_TOLERANCE = 1e-3  # the export's criterion for fp32 artifacts (edgekd.export.verify.FP32_TOLERANCE)
 CONNECT_TIMEOUT_S = 10.0
 BUSY_RETRY_S = 600.0  # how long a client keeps retrying an agent that answers 503
 

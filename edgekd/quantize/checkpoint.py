@@ -9,11 +9,6 @@ from torch import nn
 from ..train.checkpoint import load_model, read_checkpoint, resolve_model_file
 
 
-def quantization_of(source: Path) -> dict | None:
-    """The "quantization" section of a checkpoint (or a run's best.pt), None for a float model."""
-    return read_checkpoint(resolve_model_file(Path(source)), kind="model").get("quantization")
-
-
 def load_any(source: Path) -> tuple[nn.Module, dict]:
     """(model, payload): the fake-quantized model for a quantized checkpoint, the zoo model otherwise."""
     path = resolve_model_file(Path(source))

@@ -155,10 +155,6 @@ def attach(qmodel: nn.Module, state: dict) -> None:
     qmodel.checkpoint_extra = {"quantization": state}
 
 
-def state_of(qmodel: nn.Module) -> dict:
-    return qmodel.checkpoint_extra["quantization"]
-
-
 def _plain(value: Any) -> Any:
     """NNCF's config as plain JSON types (its enums are str subclasses; tuples become lists), the only kind of
     data a weights_only checkpoint may hold."""
