@@ -130,7 +130,9 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: the GPU when there is one.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA (bf16, else fp16 with loss scaling).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML with TrainConfig keys; flags override it (none given: the defaults shown).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run is written (default: runs/<student>-<method>).")
+@click.option("--out", "--run-dir", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the run is written, like every command's --out (--run-dir: its older name) "
+                   "(default: runs/<student>-<method>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue an interrupted run from its last checkpoint (none given: a new run).")
 @click.pass_context
 @friendly_errors

@@ -218,7 +218,7 @@ def test_artifact_without_manifest_is_rejected(tmp_path):
 def test_train_student_auto_chooses_and_records_why(tmp_path):
     run_dir = tmp_path / "auto"
     out = run("train", "--student", "auto", "--target", "cortex-m4", "--resolution", "32", "--data", "digits",
-              "--method", "ce", "--epochs", "1", "--limit", "200", "--run-dir", str(run_dir))
+              "--method", "ce", "--epochs", "1", "--limit", "200", "--out", str(run_dir))  # --out: train's --run-dir
     assert out.exit_code == 0, out.output
     selection = json.loads((run_dir / "selection.json").read_text())
     assert "--student auto: chose" in out.output and selection["chosen"]["model"] in out.output
