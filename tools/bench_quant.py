@@ -52,8 +52,8 @@ def parse_args():
     p.add_argument("--kd-teacher", default=str(DISTILL_PAYS_TEACHER),
                    help="teacher run/checkpoint for the KD row (default: the Distillation-pays EfficientNet-Lite0)")
     p.add_argument("--kd-teacher-resolution", type=int, default=64)
-    p.add_argument("--limit", type=int, default=5000, help="training images (stratified subset)")
-    p.add_argument("--epochs", type=int, default=4, help="float training epochs")
+    p.add_argument("--limit", type=int, default=10000, help="training images (stratified subset)")
+    p.add_argument("--epochs", type=int, default=8, help="float training epochs")
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--verify-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
@@ -221,7 +221,7 @@ def report(results: list[dict], args) -> str:
         "NNCF PTQ, NNCF QAT+KD: the TensorRT bundles' ONNX) run in ONNX Runtime with graph optimizations off "
         "(each QuantizeLinear/DequantizeLinear as written: TensorRT's semantics; ONNX Runtime's own int8 kernels "
         "round differently and are in the second table); TFLite paths run in TFLite Micro. NNCF QAT+KD: "
-        f"{args.qat_epochs} epoch(s) of KD from the float student (T 4, alpha 0.9, lr 0.005, batch 128) on the same "
+        f"{args.qat_epochs} epoch(s) of KD from the float student (T 4, alpha 0.9, lr 0.001, batch 128) on the same "
         "training images; QAT s = its training time on one thread. onnx2tf and ORT calibrate on 200 training "
         "images, NNCF PTQ on 300. TensorRT itself cannot run here: the bundles' engines are built on the device.",
         "",

@@ -34,7 +34,7 @@ class QuantizeConfig:
     temperature: float = setting(4.0, above=0, hint="the KD temperature")
     alpha: float = setting(0.9, at_least=0, at_most=1, hint="the weight of the KD term")
     # peak of a cosine schedule without warm-up (SGD, momentum 0.9), for a batch of 128
-    lr: float = setting(0.005, above=0, hint="the peak learning rate")
+    lr: float = setting(0.001, above=0, hint="the peak learning rate")
     batch_size: int = setting(128, at_least=1)
     augment: bool = True  # the data's crop/flip, as in training
     seed: int = 0
