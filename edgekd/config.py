@@ -66,7 +66,8 @@ class TrainConfig:
     teacher_fold_bn: bool = True
     teacher_autocast: str = setting("off", choices=("off", "bf16", "fp16"))  # fp16: CUDA only
     teacher_compile: bool = False
-    method: str = "kd"
+    # the method when a teacher is given: DKD won the 8-epoch schedule of docs/benchmarks.md "Distillation pays"
+    method: str = "dkd"
     method_options: dict = field(default_factory=dict)
     epochs: int = setting(10, at_least=1)
     batch_size: int = setting(128, at_least=1, hint="global batch, split across DDP ranks")

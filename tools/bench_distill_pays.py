@@ -7,7 +7,7 @@ its own resolution (64 px) once and reused by every arm; its outputs for the ban
 crop/flip, mixup/cutmix partner and lambda) are cached on disk once and served to every seed and schedule.
 
 Arms at equal student epochs: scratch (ce, same augmentation, mixup included), Hinton KD (edgekd's default
-method), FM, DKD, DIST. Label-scarce: N labels per class; scratch on those labels; the pretrained teacher
+method before this benchmark; DKD is now), FM, DKD, DIST. Label-scarce: N labels per class; scratch on those labels; the pretrained teacher
 fine-tuned on the same labels; the chosen distiller on the labelled images plus the rest of the training split
 as unlabeled images.
 
