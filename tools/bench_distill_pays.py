@@ -283,6 +283,11 @@ def write(args, teacher: dict | None, plan) -> None:
         short = _summaries(plan, "short", f"short-{arm}-")
         long = _summaries(plan, "long", f"long-{arm}-")
         lines.append(f"| {LABELS[arm]} | {_cell(short)} | {_seconds(short)} | {_cell(long)} | {_seconds(long)} |")
+    filled = [r.name for s, r, _ in plan if s != "scarce" and (r / "summary.json").exists()
+              and any((e.get("teacher_cache") or {}).get("misses") for e in epoch_records(r))]
+    if filled:
+        lines += ["", f"Runs whose time includes teacher passes (cache misses, filling the shared cache for the runs "
+                      f"after them): {', '.join(filled)}."]
     ce_speed, fm_speed = _speed(plan, "ce"), _speed(plan, "fm")
     if ce_speed and fm_speed:
         lines += ["", f"Speed once the teacher's passes are done: FM from the cache {fm_speed[0]:.0f} images/s "
