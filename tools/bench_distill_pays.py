@@ -7,9 +7,9 @@ its own resolution (64 px) once and reused by every arm; its outputs for the ban
 crop/flip, mixup/cutmix partner and lambda) are cached on disk once and served to every seed and schedule.
 
 Arms at equal student epochs: scratch (ce, same augmentation, mixup included), Hinton KD (edgekd's default
-method before this benchmark; DKD is now), FM, DKD, DIST. Label-scarce: N labels per class; scratch on those labels; the pretrained teacher
-fine-tuned on the same labels; the chosen distiller on the labelled images plus the rest of the training split
-as unlabeled images.
+method before this benchmark; DKD is now), FM, DKD, DIST. Label-scarce: N labels per class; scratch on those
+labels; the pretrained teacher fine-tuned on the same labels; the chosen distiller on the labelled images plus
+the rest of the training split as unlabeled images.
 
 Every run goes through `benchdoc.ensure_run`: finished runs are reused and interrupted ones resumed, so the
 command can be re-run (or run as `--shard K/N` processes side by side, one thread each) until the tables fill.
@@ -291,7 +291,8 @@ def write(args, teacher: dict | None, plan) -> None:
     ce_speed, fm_speed = _speed(plan, "ce"), _speed(plan, "fm")
     if ce_speed and fm_speed:
         lines += ["", f"Speed once the teacher's passes are done: FM from the cache {fm_speed[0]:.0f} images/s "
-                      f"({fm_speed[1]} long-schedule epochs with every teacher output from the cache) against scratch {ce_speed[0]:.0f} "
+                      f"({fm_speed[1]} long-schedule epochs with every teacher output from the cache) against "
+                      f"scratch {ce_speed[0]:.0f} "
                       f"images/s ({ce_speed[1]} epochs): **{fm_speed[0] / ce_speed[0]:.2f}x** (FM's views are made at "
                       f"{args.teacher_resolution} px and resized; scratch's at {args.resolution} px)."]
     plot = _plot(args, plan)

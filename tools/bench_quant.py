@@ -243,8 +243,8 @@ def report(results: list[dict], args) -> str:
         *goals(results),
         "",
         "QAT starts from the NNCF PTQ model. Its fake-quantized test accuracy (10,000 images) before and after the "
-        "QAT epochs: " + "; ".join(f"{r['key']} {pct(r['ptq_fake_quant_test_acc'])} -> {pct(r['qat_fake_quant_test_acc'])}"
-                                   for r in results)
+        "QAT epochs: " + "; ".join(
+            f"{r['key']} {pct(r['ptq_fake_quant_test_acc'])} -> {pct(r['qat_fake_quant_test_acc'])}" for r in results)
         + ". Where QAT ends below its start, the fine-tuning itself loses accuracy: the cause is not found yet.",
     ])
 
