@@ -16,7 +16,7 @@ from torch import nn
 from .config import TrainConfig
 from .data.datamodule import DataModule, load_data
 from .data.imageset import ConcatImageSet
-from .distill import METHODS, Distiller
+from .distill import METHODS, Distiller, takes_only_logits
 from .distill.phase import Phase
 from .distill.step import LOGITS, combined_needs
 from .distill.teacher_outputs import (TEACHER_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
@@ -60,7 +60,7 @@ def resolve(config: TrainConfig) -> Resolved:
                           f"{resolution} (or leave it out)")
     # methods whose every phase takes only the logits say so at class level (teacher_needs = LOGITS)
     if teacher_resolution != resolution and (method.teacher_needs != LOGITS or config.student_edit):
-        logit_methods = [name for name in METHODS.names() if METHODS.get(name).teacher_needs == LOGITS]
+        logit_methods = [name for name in METHODS.names() if takes_only_logits(name)]
         raise EdgekdError(f"--teacher-resolution needs a method that takes only the teacher's logits "
                           f"({', '.join(logit_methods)}); '{config.method}' taps teacher features at the student's "
                           "resolution")
@@ -447,7 +447,7 @@ def fill_teacher_outputs(config: TrainConfig, *, console=None, batch_size: int =
     if config.teacher_cache != "disk" or not config.teacher or not is_checkpoint_source(config.teacher):
         raise EdgekdError("fill_teacher_outputs needs a trained teacher checkpoint and teacher_cache: disk")
     resolved = resolve(config)
-    if METHODS.get(config.method).teacher_needs != LOGITS:
+    if not takes_only_logits(config.method):
         raise EdgekdError(f"method '{config.method}' runs its teacher live: there are no teacher outputs to cache")
     runtime = _runtime(config)
     try:

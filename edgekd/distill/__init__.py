@@ -30,3 +30,10 @@ for _method in (CrossEntropy, HintonKD, FunctionMatching, DecoupledKD, DIST, Log
     METHODS.register(_method.name, _method)
 
 __all__ = ["METHODS", "DistillOutput", "Distiller", "MethodOptions", "freeze", "kd_loss"]
+
+
+def takes_only_logits(method: str) -> bool:
+    """Whether every phase of `method` takes only the teacher's logits (cacheable once, any teacher resolution)."""
+    from .step import LOGITS
+
+    return METHODS.get(method).teacher_needs == LOGITS
