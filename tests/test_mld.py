@@ -191,7 +191,9 @@ def test_bad_edits_are_one_line_errors(spec, message):
 def test_mld_student_made_from_the_teacher_by_deleting_blocks(tmp_path, teacher_run):
     from edgekd.train.checkpoint import load_model
 
-    summary = api.train(_config(tmp_path, "edited", teacher_run, student_edit="delete:1"))
+    # lr 0.05 suits mcunet_tiny, not a full-width ResNet: there the KD loss blew up (0.18 or 0.66 by thread count)
+    summary = api.train(_config(tmp_path, "edited", teacher_run, student_edit="delete:1",
+                                optim=OptimConfig(lr=0.02, warmup_epochs=0.5)))
     model, payload = load_model(Path(summary["run_dir"]))
     assert payload["model_config"]["name"] == "resnet18" and payload["model_config"]["edit"] == "delete:1"
     assert len(model.layer1) == 1 and summary["test_acc"] > 0.3
