@@ -309,8 +309,10 @@ def export_cmd(source, format_, precision, target, out_dir, calib_images, verify
               help="KD temperature T (QAT).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=qconfig.DEFAULTS["alpha"], show_default=True,
               help="Weight of the KD term; 1 - alpha weighs the label cross-entropy (QAT).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=qconfig.DEFAULTS["optimizer"],
+              show_default=True, help="QAT optimiser (sgd: momentum 0.9).")
 @click.option("--lr", type=float, default=qconfig.DEFAULTS["lr"], show_default=True,
-              help="Peak QAT learning rate for a batch of 128 (cosine, no warm-up, SGD).")
+              help="Peak QAT learning rate for a batch of 128 (cosine, no warm-up).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=qconfig.DEFAULTS["batch_size"], show_default=True,
               help="QAT batch size.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=qconfig.DEFAULTS["calib_images"], show_default=True,
@@ -324,8 +326,8 @@ def export_cmd(source, format_, precision, target, out_dir, calib_images, verify
               help="Continue an interrupted quantized run from its last checkpoint (none given: a new one from RUN).")
 @click.pass_context
 @friendly_errors
-def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha, lr, batch_size, calib_images, data,
-                 seed, device, resume_dir):
+def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha, optimizer, lr, batch_size,
+                 calib_images, data, seed, device, resume_dir):
     """Quantize a trained run to int8 with NNCF: post-training, or QAT with distillation (docs/quantize.md).
 
     The result is a run of its own (best.pt, metrics.jsonl, summary.json) that `edgekd export` turns into
@@ -352,7 +354,7 @@ def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha,
     if run is None:
         raise EdgekdError("say which run to quantize: edgekd quantize RUN (or --resume QUANTIZED_RUN)")
     api.quantize(run, method=method, out=out_dir, epochs=epochs, teacher=teacher, temperature=temperature,
-                 alpha=alpha, lr=lr, batch_size=batch_size, calib_images=calib_images, data=data, seed=seed,
+                 alpha=alpha, optimizer=optimizer, lr=lr, batch_size=batch_size, calib_images=calib_images, data=data, seed=seed,
                  device=device, console=console)
 
 

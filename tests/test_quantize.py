@@ -152,6 +152,16 @@ def test_qat_wins_back_what_ptq_lost(qat_run):
     records = [json.loads(line) for line in (Path(qat_run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and all(r["phase"] == "qat" for r in records)
     assert qat_run["qat"]["teacher"]["kind"] == "float" and qat_run["qat"]["temperature"] == 4.0
+    assert qat_run["qat"]["optimizer"] == "adamw" and qat_run["qat"]["lr"] == 1e-5
+
+
+@pytest.mark.slow
+def test_qat_that_only_hurts_hands_back_the_ptq_model(float_run):
+    # SGD at lr 1 wrecks the BatchNorm-folded student: no epoch can beat the PTQ start on validation
+    wrecked = _qat(float_run, float_run.parent / "qat-wrecked", optimizer="sgd", lr=1.0)
+    assert wrecked["best_epoch"] == -1 and wrecked["qat"]["kept_ptq"] is True
+    assert wrecked["test_acc"] == wrecked["ptq"]["test_acc"] > wrecked["last_epoch_test_acc"]
+    assert wrecked["qat"]["optimizer"] == "sgd"
 
 
 @pytest.mark.slow

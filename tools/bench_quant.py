@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
+from edgekd.quantize.config import DEFAULTS as QAT  # noqa: E402
 from tools.benchdoc import ARCHIVE, archive_path, ensure_run, run_header, write_section  # noqa: E402
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
@@ -153,6 +154,7 @@ def measure(row: dict, args) -> dict:
         "nncf_qat": qdq_numbers(qat_m), "nncf_qat_tflite": qat_tfl,
         "qat_seconds": qat["qat"]["seconds"], "ptq_seconds": ptq["ptq"]["ptq_seconds"],
         "qat_fake_quant_test_acc": qat["test_acc"], "ptq_fake_quant_test_acc": ptq["test_acc"],
+        "qat_kept_ptq": qat["qat"].get("kept_ptq", False),
         "teacher": float_summary.get("teacher", {}) and {"name": float_summary["teacher"].get("name"),
                                                         "test_acc": float_summary["teacher"].get("test_acc")},
     }
@@ -228,7 +230,8 @@ def report(results: list[dict], args) -> str:
         "NNCF PTQ, NNCF QAT+KD: the TensorRT bundles' ONNX) run in ONNX Runtime with graph optimizations off "
         "(each QuantizeLinear/DequantizeLinear as written: TensorRT's semantics; ONNX Runtime's own int8 kernels "
         "round differently and are in the second table); TFLite paths run in TFLite Micro. NNCF QAT+KD: "
-        f"{args.qat_epochs} epoch(s) of KD from the float student (T 4, alpha 0.9, lr 0.001, batch 128) on the same "
+        f"{args.qat_epochs} epoch(s) of KD from the float student (T 4, alpha 0.9, {QAT['optimizer']} lr {QAT['lr']:g}, "
+        "batch 128) on the same "
         "training images; QAT s = its training time on one thread. onnx2tf and ORT calibrate on 200 training "
         "images, NNCF PTQ on 300. TensorRT itself cannot run here: the bundles' engines are built on the device.",
         "",
@@ -245,7 +248,12 @@ def report(results: list[dict], args) -> str:
         "QAT starts from the NNCF PTQ model. Its fake-quantized test accuracy (10,000 images) before and after the "
         "QAT epochs: " + "; ".join(
             f"{r['key']} {pct(r['ptq_fake_quant_test_acc'])} -> {pct(r['qat_fake_quant_test_acc'])}" for r in results)
-        + ". Where QAT ends below its start, the fine-tuning itself loses accuracy: the cause is not found yet.",
+        + (". best.pt stayed the PTQ model (no QAT epoch beat it on validation): "
+           + (", ".join(r["key"] for r in results if r.get("qat_kept_ptq")) or "none") + "."),
+        "",
+        "An earlier run of this table (2026-12-06) fine-tuned with SGD (momentum 0.9) at lr 0.001: the first steps "
+        "on the BatchNorm-folded students blew the KD loss up and QAT ended below its PTQ start on the 48 px rows "
+        "(86.5 -> 82.5, 88.0 -> 87.0). docs/quantize.md (Optimiser) has the probe that led to AdamW at 1e-5.",
     ])
 
 

@@ -33,8 +33,11 @@ class QuantizeConfig:
                            hint="the float student, or the teacher the run was distilled from")
     temperature: float = setting(4.0, above=0, hint="the KD temperature")
     alpha: float = setting(0.9, at_least=0, at_most=1, hint="the weight of the KD term")
-    # peak of a cosine schedule without warm-up (SGD, momentum 0.9), for a batch of 128
-    lr: float = setting(0.001, above=0, hint="the peak learning rate")
+    # AdamW: SGD at a rate that moved the weights enough to help blew the loss up on BatchNorm-folded students
+    # (docs/quantize.md, "Optimiser")
+    optimizer: str = setting("adamw", choices=("adamw", "sgd"))
+    # peak of a cosine schedule without warm-up, for a batch of 128
+    lr: float = setting(1e-5, above=0, hint="the peak learning rate")
     batch_size: int = setting(128, at_least=1)
     augment: bool = True  # the data's crop/flip, as in training
     seed: int = 0

@@ -47,6 +47,7 @@ def quantize(
     teacher: str = D["teacher"],
     temperature: float = D["temperature"],
     alpha: float = D["alpha"],
+    optimizer: str = D["optimizer"],
     lr: float = D["lr"],
     batch_size: int = D["batch_size"],
     seed: int = D["seed"],
@@ -65,7 +66,8 @@ def quantize(
         config = _resume_config(Path(source))
     else:
         config = _new_config(Path(source), method=method, out=out, data=data, calib_images=calib_images,
-                             epochs=epochs, teacher=teacher, temperature=temperature, alpha=alpha, lr=lr,
+                             epochs=epochs, teacher=teacher, temperature=temperature, alpha=alpha,
+                             optimizer=optimizer, lr=lr,
                              batch_size=batch_size, seed=seed, device=device,
                              checkpoint_interval_s=checkpoint_interval_s)
     nncf_backend.require()
@@ -91,7 +93,7 @@ def quantize(
         result = {"best_epoch": None, "val_acc": ptq["val_acc"], "test_acc": ptq["test_acc"],
                   "test_loss": ptq["test_loss"], "qat_seconds": None}
     else:
-        result = _qat(config, qmodel, teacher_model, trainer, resume, console)
+        result = _qat(config, qmodel, ptq, teacher_model, trainer, resume, console)
     summary = _summary(config, source_info, ptq, teacher_info, result, dm, runtime, started)
     _write_json(run_dir / "summary.json", summary)
     if console is not None:
@@ -225,20 +227,27 @@ def _ptq(config: QuantizeConfig, float_model: nn.Module, dm: DataModule, source_
     return qmodel, metrics
 
 
-def _qat(config: QuantizeConfig, qmodel: nn.Module, teacher: nn.Module, trainer: Trainer, resume: bool,
-         console) -> dict:
-    """Fine-tune the fake-quantized student with Hinton KD from `teacher` (float) through the project's Trainer."""
+def _qat(config: QuantizeConfig, qmodel: nn.Module, ptq: dict, teacher: nn.Module, trainer: Trainer,
+         resume: bool, console) -> dict:
+    """Fine-tune the fake-quantized student with Hinton KD from `teacher` (float) through the project's Trainer.
+    The PTQ model is the first candidate for best.pt: an epoch replaces it only with a better validation
+    accuracy, so QAT never hands back less than it started from (on the validation split)."""
     distiller = HintonKD(qmodel, teacher, KDOptions(temperature=config.temperature, alpha=config.alpha))
     # NNCF keeps bookkeeping (signedness, bit width) as frozen integer parameters: only float ones train.
     # No weight decay: it would shrink the learned quantizer scales along with the weights.
     trainable = [p for p in qmodel.parameters() if p.requires_grad]
-    optim = OptimConfig(lr=config.lr * config.batch_size / 128, weight_decay=0.0, warmup_epochs=0.0)
+    optim = OptimConfig(optimizer=config.optimizer, lr=config.lr * config.batch_size / 128, weight_decay=0.0,
+                        warmup_epochs=0.0)
     phase = Phase("qat", config.epochs, distiller, trainable, optim)
     if console is not None:
         console.print(f"QAT: {config.epochs} epoch(s) of KD (T={config.temperature:g}, alpha={config.alpha:g}) from the "
                       f"{config.teacher} teacher on the fake-quantized student")
     started = time.perf_counter()
-    result = trainer.fit([phase], resume=resume and (Path(config.run_dir) / "last.pt").exists())
+    resuming = resume and (Path(config.run_dir) / "last.pt").exists()
+    if not resuming:
+        save_atomic(model_payload(qmodel, trainer.data.describe(), {"val_acc": ptq["val_acc"], "epoch": -1}),
+                    Path(config.run_dir) / "best.pt")
+    result = trainer.fit([phase], resume=resuming, start_val_acc=ptq["val_acc"])
     records = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     result["qat_seconds"] = round(sum(r.get("train_seconds") or 0.0 for r in records), 1)
     result["qat_wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
@@ -252,7 +261,9 @@ def _summary(config: QuantizeConfig, source_info: dict, ptq: dict, teacher_info:
     qat = None
     if config.method == "nncf-qat":
         qat = {"epochs": config.epochs, "loss": "Hinton KD (edgekd.distill.kd): alpha * T^2 * KL + (1 - alpha) * CE",
-               "temperature": config.temperature, "alpha": config.alpha, "lr": config.lr, "batch_size": config.batch_size,
+               "temperature": config.temperature, "alpha": config.alpha, "optimizer": config.optimizer, "lr": config.lr,
+               "batch_size": config.batch_size,
+               "kept_ptq": result.get("best_epoch") == -1,  # no QAT epoch beat the PTQ start on validation
                "teacher": teacher_info, "seconds": result.get("qat_seconds")}
     return {
         "run_dir": str(run_dir),

@@ -160,7 +160,9 @@ class Trainer:
         """Finish the current step, save, then raise TrainingInterrupted."""
         self._stop.set()
 
-    def fit(self, phases: list[Phase], *, resume: bool = False) -> dict:
+    def fit(self, phases: list[Phase], *, resume: bool = False, start_val_acc: float | None = None) -> dict:
+        """`start_val_acc`: the validation accuracy of the model the final phase starts from, whose weights the
+        caller has written to best.pt; an epoch must beat it to replace it (best_epoch -1: none did)."""
         state = self._load_resume_state(phases) if resume else None
         if self.rt.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,12 @@ class Trainer:
                 self._truncate_metrics(state["phase"], state["epoch"])
         if state is None:
             torch.manual_seed(self.seed)
-        best = state["best"] if state else {"val_acc": -1.0, "epoch": None}
+        if state:
+            best = state["best"]
+        elif start_val_acc is not None:
+            best = {"val_acc": start_val_acc, "epoch": -1}
+        else:
+            best = {"val_acc": -1.0, "epoch": None}
         start_phase = state["phase"] if state else 0
         with self._stop_on_signals():
             for index in range(start_phase, len(phases)):
