@@ -564,8 +564,9 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
                            autocast=config.teacher_autocast, compile=config.teacher_compile, taps=taps)
     augmenting = config.augment and data.augment is not None
     variants = (config.teacher_cache_variants or epochs) if augmenting else 0
+    chunk = max(1, config.batch_size // runtime.dist.world_size)  # the teacher's batch size (TeacherOutputs)
     if config.teacher_cache == "off":
-        return TeacherOutputs(runner, None), variants
+        return TeacherOutputs(runner, None, chunk=chunk), variants
     views = views or TrainViews()
     train_images = data.train if not views.with_unlabeled else ConcatImageSet([data.train, data.unlabeled])
     key = {
@@ -581,26 +582,31 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
     if resolved is not None and resolved.teacher_resolution != resolved.resolution:
         key["resolutions"] = {"teacher": resolved.teacher_resolution, "student": resolved.resolution,
                               "teacher_norm": [list(v) for v in views.teacher_norm]}
-    directory = None
-    if config.teacher_cache == "disk":
-        directory = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else TEACHER_CACHE_DIR
+    disk = Path(config.teacher_cache_dir).expanduser() if config.teacher_cache_dir else TEACHER_CACHE_DIR
     budget = config.teacher_cache_budget_mb << 20
     row_shapes = runner.row_shapes((data.channels, data.resolution, data.resolution))
     width = sum(math.prod(shape) for shape in row_shapes)
     what = "logits" if not taps else f"logits and {len(taps)} feature map(s)"
-    try:
-        cache = TeacherCache(key, len(train_images), variants, width, directory=directory, memory_budget_bytes=budget)
-    except EdgekdError as e:
-        if config.teacher_cache != "auto":
-            raise
+    # auto: memory within the budget, else memory-mapped on disk when it has room, else live
+    places = {"memory": [None], "disk": [disk], "auto": [None, disk]}[config.teacher_cache]
+    for place in places:
+        try:
+            cache = TeacherCache(key, len(train_images), variants, width, directory=place, memory_budget_bytes=budget,
+                                 dtype=config.teacher_cache_dtype)
+            break
+        except EdgekdError as e:
+            if config.teacher_cache != "auto":
+                raise
+            reason = e
+    else:
         if console is not None and runtime.dist.is_main:
-            console.print(f"teacher cache off, the teacher runs every step: {e}")
-        return TeacherOutputs(runner, None), variants
+            console.print(f"teacher cache off, the teacher runs every step: {reason}")
+        return TeacherOutputs(runner, None, chunk=chunk), variants
     if console is not None and runtime.dist.is_main:
         where = f"on disk at {cache.directory}" if cache.directory else "in memory"
-        console.print(f"teacher {what} cached {where} ({cache.nbytes / 2**20:.1f} MiB, "
+        console.print(f"teacher {what} cached {where} ({cache.nbytes / 2**20:.1f} MiB {cache.dtype}, "
                       f"{max(variants, 1)} augmentation variant(s) per image, {cache.warm_entries} entries warm)")
-    return TeacherOutputs(runner, cache, row_shapes), variants
+    return TeacherOutputs(runner, cache, row_shapes, chunk=chunk), variants
 
 
 def _check_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict] | None:

@@ -97,7 +97,9 @@ def main():
 @click.option("--teacher-body-lr-scale", type=float, metavar="S",
               help="Fine-tuning: the teacher's body (all but the classifier) trains at S x its lr (0 < S <= 1).")
 @click.option("--teacher-cache", type=click.Choice(["auto", "memory", "disk", "off"]),
-              help="Reuse teacher outputs per (image, augmentation variant): logits for KD-style methods, also feature maps for AT/NST.")
+              help="Reuse teacher outputs per (image, augmentation variant): logits for KD-style methods, also feature maps for AT/NST/FitNets/AB/FSP/RKD; auto: memory, else disk, else live.")
+@click.option("--teacher-cache-dtype", type=click.Choice(["float32", "float16"]),
+              help="Storage of cached teacher outputs (float16: half the bytes; served as float32).")
 @click.option("--teacher-cache-variants", type=int, metavar="K",
               help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch.")
 @click.option("--teacher-cache-dir", help="Where disk caches live (none given: ~/.cache/edgekd/teacher-outputs, or under $EDGEKD_CACHE_DIR).")

@@ -57,8 +57,10 @@ class TrainConfig:
     # augmented view resized to its own. None: the student's resolution
     teacher_resolution: int | None = setting(None, at_least=8, hint="pixels")
     # cached teacher outputs (logits, and the feature maps a method's teacher_needs tap), see
-    # edgekd/distill/teacher_outputs.py; auto: in memory if within budget, else the teacher runs live
+    # edgekd/distill/teacher_outputs.py; auto: in memory if within budget, else on disk if it has room, else the
+    # teacher runs live
     teacher_cache: str = setting("auto", choices=("auto", "memory", "disk", "off"))
+    teacher_cache_dtype: str = setting("float32", choices=("float32", "float16"))  # float16: half the bytes
     teacher_cache_dir: str | None = None  # disk caches; default ~/.cache/edgekd/teacher-outputs
     # augmentations kept per image; 0: one per epoch of the phases served (as without a cache)
     teacher_cache_variants: int = setting(0, at_least=0)

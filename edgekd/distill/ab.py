@@ -30,7 +30,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, Tap, check_task_options, layer_pairs, modules_at, parse_layers, probe, run_with_taps, task_loss
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
-from .step import LOGITS
+from .step import LOGITS, TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,13 @@ class ActivationBoundaries(MultiPhaseDistiller):
         return [("init_epochs", options.init_epochs, 1), ("kd", -1, 3)]
 
     def phase_teacher_needs(self, phase):
-        # the AB phase runs the teacher only up to its deepest tap: cheaper live than a full served forward
-        return LOGITS if phase == "kd" else None
+        # served, so cached: once the bank is filled the AB phase costs the student's forward only
+        return LOGITS if phase == "kd" else TeacherNeeds(tuple(self.teacher_taps))
 
     def forward_phase(self, phase, step):
         x = step.x
         if phase == "ab":
-            with torch.no_grad():
-                _, t_feats = run_with_taps(self.teacher, x, self.teacher_taps, stop_after=self.deepest[1])
+            _, t_feats = self.teacher_forward(step, self.phase_teacher_needs("ab"), stop_after=self.deepest[1])
             _, s_feats = run_with_taps(self.student, x, self.student_taps, stop_after=self.deepest[0])
             mapped = [c(s, t.shape[-2:]) for c, s, t in zip(self.connectors, s_feats, t_feats)]
             total = sum(w * ab_loss(s, t, self.options.margin) for w, s, t in zip(self.weights, mapped, t_feats))

@@ -76,14 +76,16 @@ class Distiller(nn.Module):
     def forward(self, step: Step) -> DistillOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def teacher_forward(self, step: Step, needs: TeacherNeeds | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def teacher_forward(self, step: Step, needs: TeacherNeeds | None = None,
+                        stop_after: str | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The teacher's logits and feature maps at `needs.taps` (default: `teacher_needs`) for the step: the ones
-        the trainer served, else a live forward."""
+        the trainer served, else a live forward. `stop_after` (a module path) ends a live forward there when the
+        caller needs no logits (they are None then)."""
         if step.teacher_logits is not None:
             return step.teacher_logits, list(step.teacher_features)
         taps = (needs or self.teacher_needs or LOGITS).taps
         with torch.no_grad():
-            return run_with_taps(self.teacher, step.x, taps) if taps else (self.teacher(step.x), [])
+            return run_with_taps(self.teacher, step.x, taps, stop_after) if taps else (self.teacher(step.x), [])
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters the method adds (adapters, heads); never exported."""

@@ -26,7 +26,9 @@ from torch import nn
 from ..errors import EdgekdError
 from .losses import kd_loss
 
-Tap = tuple[str, str]  # (module path, "output" | "input")
+# (module path, "output" | "input" | "pooled"); "pooled": the output averaged over its spatial positions (B, C),
+# all an embedding method (RKD) needs and a fraction of the map for a cache to hold
+Tap = tuple[str, str]
 
 
 def parse_layers(text: str) -> list[str]:
@@ -69,6 +71,11 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap | str],
             store[i] = out
         return hook
 
+    def keep_pooled(i):
+        def hook(_m, _inp, out):
+            store[i] = out.mean((2, 3))
+        return hook
+
     def keep_input(i):
         def hook(_m, inp):
             store[i] = inp[0].clone()  # the module may work in place (ReLU(inplace=True))
@@ -83,8 +90,10 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap | str],
                 handles.append(module.register_forward_hook(keep_output(i)))
             elif kind == "input":
                 handles.append(module.register_forward_pre_hook(keep_input(i)))
+            elif kind == "pooled":
+                handles.append(module.register_forward_hook(keep_pooled(i)))
             else:
-                raise ValueError(f"tap kind must be 'output' or 'input', got {kind!r}")
+                raise ValueError(f"tap kind must be 'output', 'input' or 'pooled', got {kind!r}")
         if stop_after:
             handles.append(modules[-1].register_forward_hook(stop))  # after the taps' hooks on that module
         try:

@@ -21,7 +21,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, check_task_options, layer_pairs, probe, run_with_taps, task_loss
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
-from .step import LOGITS
+from .step import LOGITS, TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,13 @@ class FitNet(MultiPhaseDistiller):
         return [("hint_epochs", options.hint_epochs, 1), ("kd", -1, 3)]
 
     def phase_teacher_needs(self, phase):
-        # the hint phase runs the teacher only up to the hint layer: cheaper live than a full served forward
-        return LOGITS if phase == "kd" else None
+        # served, so cached: once the bank is filled the hint phase costs the student's forward only
+        return LOGITS if phase == "kd" else TeacherNeeds((self.hint,))
 
     def forward_phase(self, phase, step):
         x = step.x
         if phase == "hint":
-            with torch.no_grad():
-                _, (hint,) = run_with_taps(self.teacher, x, [self.hint], stop_after=self.hint)
+            _, (hint,) = self.teacher_forward(step, TeacherNeeds((self.hint,)), stop_after=self.hint)
             _, (guided,) = run_with_taps(self.student, x, [self.guided], stop_after=self.guided)
             loss = hint_loss(self.regressor(guided, hint.shape[-2:]), hint)
             return DistillOutput(loss, zero_logits(x, self.student.num_classes), {"hint": loss.detach()})

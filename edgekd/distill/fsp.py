@@ -25,6 +25,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, full_precision, layer_pairs, probe, run_with_taps
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
+from .step import TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,15 @@ class FSP(MultiPhaseDistiller):
     def epoch_plan(cls, options, distiller=None):
         return [("init_epochs", options.init_epochs, 1), ("ce", -1, 3)]
 
+    def phase_teacher_needs(self, phase):
+        # served, so cached: once the bank is filled the FSP phase costs the student's forward only; the CE
+        # phase does not use the teacher
+        return TeacherNeeds(tuple(t for _, t in self.pairs)) if phase == "fsp" else None
+
     def forward_phase(self, phase, step):
         x = step.x
         if phase == "fsp":
-            with torch.no_grad():
-                _, t_feats = run_with_taps(self.teacher, x, [t for _, t in self.pairs], stop_after=self.pairs[-1][1])
+            _, t_feats = self.teacher_forward(step, self.phase_teacher_needs("fsp"), stop_after=self.pairs[-1][1])
             _, s_feats = run_with_taps(self.student, x, [s for s, _ in self.pairs], stop_after=self.pairs[-1][0])
             # the spatial size of the student's map does not enter the (C1 x C2) matrix: adapt channels only
             s_feats = [a(s, s.shape[-2:]) for a, s in zip(self.adapters, s_feats)]

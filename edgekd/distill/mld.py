@@ -40,7 +40,7 @@ from .features import StopForward, aligned_boundaries, modules_at, parse_layers,
 from .losses import kd_loss
 from .base import DistillOutput, MethodOptions
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
-from .step import LOGITS
+from .step import LOGITS, TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,16 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
                 ("kd", list(self.student.parameters()), True)]
 
     def phase_teacher_needs(self, phase):
-        # the masks and local phases hook into the teacher's breakpoints: they run it themselves
-        return LOGITS if phase == "kd" else None
+        # the masks phase injects noise into the teacher (it runs it itself); the local phase's clean breakpoint
+        # maps and the KD phase's logits are served, so cached
+        return {"masks": None, "local": TeacherNeeds(tuple(self.teacher_points)), "kd": LOGITS}[phase]
 
     def forward_phase(self, phase, step):
         x, y = step.x, step.y
         if phase == "masks":
             return self._masks_loss(x, y)
         if phase == "local":
-            return self._local_loss(x, y)
+            return self._local_loss(step)
         teacher_logits, _ = self.teacher_forward(step, LOGITS)
         logits = self.student(x)
         if self.options.finetune == "label_refinery":
@@ -185,8 +186,9 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
         return DistillOutput(loss, zero_logits(x, self.student.num_classes),
                              {"teacher_ce": ce.detach(), "mask_norm": norm.detach()})
 
-    def _local_loss(self, x, y):
-        feats = self.teacher_features(x)
+    def _local_loss(self, step):
+        x = step.x
+        _, feats = self.teacher_forward(step, self.phase_teacher_needs("local"), stop_after=self.teacher_points[-1])
         student = self.student_groups(x, feats)
         masks = [m.detach() for m in self.masks]
         terms = [masked_l1(t, s, m) for t, s, m in zip(feats, student, masks)]

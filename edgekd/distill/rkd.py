@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import EdgekdError
 from .base import DistillOutput, Distiller, MethodOptions
 from .features import check_task_options, full_precision, task_loss
+from .step import TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,15 @@ class RelationalKD(Distiller):
     description = "relational KD (Park et al.): distance (25) and angle (50) relations of embeddings + CE"
     Options = RKDOptions
 
+    def __init__(self, student, teacher, options):
+        super().__init__(student, teacher, options)
+        # the teacher's embedding is its forward_features output (the last feature_info module), pooled: served
+        # (cached) by the trainer beside the logits
+        self.teacher_needs = TeacherNeeds(((teacher.feature_info[-1].module, "pooled"),))
+
     def forward(self, step):
         x, y = step.x, step.y
-        with torch.no_grad():
-            t_emb, t_logits = embedding(self.teacher, x)
+        t_logits, (t_emb,) = self.teacher_forward(step)
         s_emb, logits = embedding(self.student, x)
         with full_precision(s_emb):
             dist, angle = rkd_distance_loss(s_emb, t_emb), rkd_angle_loss(s_emb, t_emb)

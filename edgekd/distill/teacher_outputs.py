@@ -7,9 +7,11 @@ seen is never run again: within a run when augmentation is off or banked (fast k
 Shen & Xing 2021), and across runs with the same teacher, data and transform. The cache is keyed by a hash of
 everything that determines the logits; a mismatch means a different cache, never a stale one.
 
-Distillers whose `teacher_needs` (distill/step.py) name taps (module paths, e.g. AT, NST) get the tapped teacher
-feature maps cached beside the logits, one flat row per (image, variant), when they fit the memory budget; otherwise the
-teacher runs live every step (the runner still makes it cheaper), and the run says so.
+Distillers whose `teacher_needs` (distill/step.py) name taps (module paths: AT, NST, FitNets, AB, FSP, RKD) get
+the tapped teacher feature maps cached beside the logits, one flat row per (image, variant). Rows are float32, or
+float16 to halve the cache (served as float32, rounded the same whether just computed or read back). A cache
+lives in memory within the memory budget, else (teacher_cache auto) memory-mapped on disk when the disk has room,
+else the teacher runs live every step (the runner still makes it cheaper), and the run says so.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ log = logging.getLogger("edgekd.teacher")
 
 CACHE_VERSION = 1
 TEACHER_CACHE_DIR = DEFAULT_CACHE_DIR / "teacher-outputs"  # disk caches, unless teacher_cache_dir says otherwise
+DTYPES = {"float32": np.float32, "float16": np.float16}
+DISK_RESERVE_BYTES = 1 << 30  # a disk cache leaves this much free: the run still has checkpoints to write
 
 
 def _folded(teacher: nn.Module) -> nn.Module:
@@ -77,15 +81,15 @@ class TeacherRunner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(x)[0]
 
-    @torch.inference_mode()
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits, feature maps at the taps), float32, contiguous."""
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                                    enabled=self.dtype is not None):
             out, feats = run_with_taps(self.model, x, self.taps) if self.taps else (self.model(x), [])
-        # plain tensors (not inference tensors) so they can take part in autograd as constant targets
+        # cloned outside inference mode: plain tensors, which a loss may save for backward (MSE to a hint does)
         return out.float().clone(), [f.float().contiguous().clone() for f in feats]
 
     def row_shapes(self, sample_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -120,26 +124,45 @@ def images_fingerprint(images) -> str:
     return digest.hexdigest()
 
 
+def cache_bytes(num_images: int, variants: int, width: int, dtype: str = "float32") -> int:
+    return num_images * max(variants, 1) * width * np.dtype(DTYPES[dtype]).itemsize
+
+
+def disk_room(directory: Path) -> int:
+    """Bytes a disk cache under `directory` may take (free space less the reserve)."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free - DISK_RESERVE_BYTES
+
+
 class TeacherCache:
-    """One float32 row per (image, variant): [N, K, width] (width = classes, plus the flattened tapped features
-    for feature distillers) and a filled mask, in memory or memory-mapped."""
+    """One row per (image, variant): [N, K, width] (width = classes, plus the flattened tapped features for
+    feature distillers) in float32 or float16, and a filled mask; in memory (within `memory_budget_bytes`) or
+    memory-mapped under `directory` (within the disk's free space)."""
 
     def __init__(self, key: dict, num_images: int, variants: int, width: int, *,
-                 directory: Path | None = None, memory_budget_bytes: int = 1 << 30):
+                 directory: Path | None = None, memory_budget_bytes: int = 1 << 30, dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise EdgekdError(f"teacher_cache_dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         self.shape = (num_images, max(variants, 1), width)
-        self.nbytes = int(np.prod(self.shape)) * 4
-        if self.nbytes > memory_budget_bytes:
+        self.dtype = dtype
+        self.nbytes = cache_bytes(num_images, variants, width, dtype)
+        if directory is None and self.nbytes > memory_budget_bytes:
             raise EdgekdError(
                 f"the teacher cache would need {self.nbytes / 2**20:.0f} MiB (> budget {memory_budget_bytes / 2**20:.0f} MiB):"
-                " raise teacher_cache_budget_mb, lower teacher_cache_variants, or set teacher_cache: off"
+                " raise teacher_cache_budget_mb, use teacher_cache_dtype float16 or teacher_cache disk, lower "
+                "teacher_cache_variants, or set teacher_cache: off"
             )
-        self.key = {**key, "version": CACHE_VERSION, "shape": list(self.shape)}
+        # float32 caches keep the key they always had, so existing caches stay valid
+        self.key = {**key, "version": CACHE_VERSION, "shape": list(self.shape),
+                    **({"dtype": dtype} if dtype != "float32" else {})}
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / self.digest[:24] if directory is not None else None
         self.hits = self.misses = 0  # since the last stats(reset=True)
         self.total_hits = self.total_misses = 0
         if self.directory is None:
-            self.rows = np.zeros(self.shape, dtype=np.float32)
+            self.rows = np.zeros(self.shape, dtype=DTYPES[self.dtype])
             self.filled = np.zeros(self.shape[:2], dtype=bool)
             self.warm_entries = 0
         else:
@@ -157,10 +180,15 @@ class TeacherCache:
             if meta != self.key:  # same digest prefix but different content: never reuse
                 log.warning("teacher cache %s does not match this run; rebuilding it", self.directory)
                 shutil.rmtree(self.directory)
+        data_path = self.directory / ("logits.f32" if self.dtype == "float32" else "rows.f16")
+        if not data_path.exists() and self.nbytes > disk_room(self.directory.parent):
+            raise EdgekdError(
+                f"the teacher cache would need {self.nbytes / 2**20:.0f} MiB on disk and {self.directory.parent} has "
+                f"{max(disk_room(self.directory.parent), 0) / 2**20:.0f} MiB to spare: free space, use "
+                "teacher_cache_dtype float16, lower teacher_cache_variants, or set teacher_cache: off")
         self.directory.mkdir(parents=True, exist_ok=True)
-        data_path = self.directory / "logits.f32"
         mode = "r+" if data_path.exists() else "w+"
-        self.rows = np.memmap(data_path, dtype=np.float32, mode=mode, shape=self.shape)
+        self.rows = np.memmap(data_path, dtype=DTYPES[self.dtype], mode=mode, shape=self.shape)
         filled_path = self.directory / "filled.npy"
         self.filled = np.load(filled_path) if filled_path.exists() else np.zeros(self.shape[:2], dtype=bool)
         if self.filled.shape != self.shape[:2]:
@@ -185,7 +213,7 @@ class TeacherCache:
         """(hit mask (B,), rows (B, width) where hit)."""
         i, v = index.numpy(), variant.numpy()
         hit = torch.from_numpy(self.filled[i, v].copy())
-        rows = torch.from_numpy(np.asarray(self.rows[i, v]))
+        rows = torch.from_numpy(np.asarray(self.rows[i, v], dtype=np.float32))
         n_hit = int(hit.sum())
         self.hits += n_hit
         self.misses += len(hit) - n_hit
@@ -195,8 +223,12 @@ class TeacherCache:
 
     def store(self, index: torch.Tensor, variant: torch.Tensor, rows: torch.Tensor) -> None:
         i, v = index.numpy(), variant.numpy()
-        self.rows[i, v] = rows.detach().cpu().float().numpy()
+        self.rows[i, v] = rows.detach().cpu().float().numpy().astype(DTYPES[self.dtype])
         self.filled[i, v] = True
+
+    def rounded(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` as a lookup would return them after a store: a step serves the same values either way."""
+        return rows if self.dtype == "float32" else rows.to(torch.float16).float()
 
     def stats(self, reset: bool = False) -> dict:
         """Hit counts since the last reset (the trainer resets every epoch) and fill level."""
@@ -204,7 +236,7 @@ class TeacherCache:
         out = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
                "total_hits": self.total_hits, "total_misses": self.total_misses,
                 "entries_filled": int(self.filled.sum()), "entries": int(np.prod(self.shape[:2])),
-                "warm_entries_at_start": self.warm_entries, "bytes": self.nbytes,
+                "warm_entries_at_start": self.warm_entries, "bytes": self.nbytes, "dtype": self.dtype,
                 "directory": str(self.directory) if self.directory else None}
         if reset:
             self.hits = self.misses = 0
@@ -215,10 +247,14 @@ class TeacherOutputs:
     """What the trainer asks for teacher outputs: cache first, the fast runner for the misses."""
 
     def __init__(self, runner: TeacherRunner, cache: TeacherCache | None,
-                 row_shapes: list[tuple[int, ...]] | None = None):
+                 row_shapes: list[tuple[int, ...]] | None = None, chunk: int | None = None):
         self.runner = runner
         self.cache = cache
         self.row_shapes = row_shapes  # (logits, features...) per image; needed to cache features
+        # misses run in batches of exactly `chunk` images (the last zero-padded): a CPU GEMM's result for an
+        # image depends on the batch size it ran in, so a row must not depend on which images missed with it,
+        # or a resumed run that refills rows lost with an in-memory cache would not train exactly as before
+        self.chunk = chunk
         if cache is not None and runner.taps and row_shapes is None:
             raise ValueError("caching teacher features needs their row_shapes")
 
@@ -229,18 +265,36 @@ class TeacherOutputs:
                       variant: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`x`: the teacher's input batch, or a function that makes it (called only if the teacher runs)."""
         if self.cache is None:
-            return self.runner.outputs(x() if callable(x) else x)
+            logits, feats = self._outputs(x() if callable(x) else x)
+            return logits.to(self.runner.device), [f.to(self.runner.device) for f in feats]
         hit, rows = self.cache.lookup(index, variant)
         if not bool(hit.all()):
             x = x() if callable(x) else x
             miss = ~hit
-            logits, feats = self.runner.outputs(x[miss.to(x.device)])
-            fresh = torch.cat([t.cpu().flatten(1) for t in (logits, *feats)], 1)
+            fresh = self._rows(x[miss.to(x.device)])
             self.cache.store(index[miss], variant[miss], fresh)
-            rows[miss] = fresh
+            rows[miss] = self.cache.rounded(fresh)
         rows = rows.to(self.runner.device, non_blocking=True)  # the cache is in host memory, x may be too
         if not self.runner.taps:
             return rows, []
         sizes = [int(np.prod(shape)) for shape in self.row_shapes]
         parts = torch.split(rows, sizes, dim=1)
         return parts[0], [p.reshape(len(rows), *shape) for p, shape in zip(parts[1:], self.row_shapes[1:])]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat (logits, features...) rows of the teacher for `x`, on the host."""
+        logits, feats = self._outputs(x)
+        return torch.cat([t.cpu().flatten(1) for t in (logits, *feats)], 1)
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The runner's (logits, features) for `x`, in batches of exactly `chunk` images when set."""
+        if not self.chunk or len(x) == self.chunk:
+            return self.runner.outputs(x)
+        parts = []
+        for start in range(0, len(x), self.chunk):
+            part = x[start : start + self.chunk]
+            padded = torch.cat([part, part.new_zeros(self.chunk - len(part), *part.shape[1:])])
+            logits, feats = self.runner.outputs(padded)
+            parts.append([t[: len(part)] for t in (logits, *feats)])
+        joined = [torch.cat(ts) for ts in zip(*parts)]
+        return joined[0], joined[1:]
