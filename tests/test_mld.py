@@ -8,6 +8,8 @@ import torch
 from edgekd import api
 from edgekd.config import OptimConfig, TrainConfig
 from edgekd.distill import METHODS
+from edgekd.distill.features import resize, run_with_taps
+from edgekd.distill.losses import kd_loss
 from edgekd.distill.mld import masked_l1
 from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
@@ -62,7 +64,7 @@ def test_mask_training_lowers_its_objective():
 
 
 def test_local_phase_trains_only_the_student_groups_and_adapters():
-    d = mld()
+    d = mld(head_breakpoint="false")  # the paper's local phase: the head waits for the KD phase
     phases = {p.name: p for p in d.phases(3, OptimConfig())}
     trainable = {id(p) for p in phases["local"].trainable}
     head = {id(p) for p in d.student.classifier.parameters()}
@@ -74,6 +76,33 @@ def test_local_phase_trains_only_the_student_groups_and_adapters():
     assert all(p.grad is None for p in d.teacher.parameters()) and all(p.grad is None for p in d.masks.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.blocks.parameters())
     assert all(p.grad is None for p in d.student.classifier.parameters())
+
+
+def test_the_head_breakpoint_distils_the_logits_from_the_teachers_last_breakpoint():
+    d = mld().eval()  # head_breakpoint is the default; eval: no dropout, so the hand computation agrees
+    phases = {p.name: p for p in d.phases(3, OptimConfig())}
+    assert {id(p) for p in d.student.classifier.parameters()} <= {id(p) for p in phases["local"].trainable}
+    x = torch.randn(4, 3, 32, 32)
+    out = phases["local"].distiller(Step(x, torch.randint(0, 10, (4,))))
+    # by hand: the student fed the teacher's last breakpoint output (adapted) from there on, KL to the teacher
+    with torch.no_grad():
+        t_logits, feats = run_with_taps(d.teacher, x, d.teacher_points)
+        s_logits = run_with_replaced(d.student, x, d.student_points[-1],
+                                     resize(d.to_student[-1](feats[-1]), d._s_shapes[-1][1:]))
+    assert out.terms["head_kd"].item() == pytest.approx(kd_loss(s_logits, t_logits, 4.0).item(), rel=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.student.classifier.parameters())
+    assert all(p.grad is None for p in d.teacher.parameters())
+
+
+def run_with_replaced(model, x, path, replacement):
+    """model(x) with the output of the module at `path` replaced."""
+    module = dict(model.named_modules())[path]
+    handle = module.register_forward_hook(lambda _m, _i, _o: replacement)
+    try:
+        return model(x)
+    finally:
+        handle.remove()
 
 
 def test_label_refinery_finetune_matches_the_teacher_softmax_without_labels():

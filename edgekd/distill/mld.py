@@ -17,7 +17,10 @@ formula leaves this open).
 Phase `local` (Eq. 6): every group learns, in one pass, to reproduce the teacher's breakpoint-i output from the
 teacher's breakpoint-(i-1) output (the image for group 1): sum_i mean |(1 - ReLU(M_i)) * (x_t_i - x_s_i)|
 (a mean per breakpoint instead of the paper's sum, so breakpoints of different sizes weigh the same; M capped at
-1 as well as at 0); masks and teacher frozen; the student's head is not run.
+1 as well as at 0); masks and teacher frozen. `head_breakpoint=true` (default; ours) adds a breakpoint at the
+logits: the student's last group and head, fed the (adapted) teacher output at the last breakpoint, learn the
+teacher's logits (Hinton's KL at T, `temperature`), so the head is not left at its random initialisation until
+the KD phase (the earlier benchmark's MLD trailed KD at equal epochs); `false` is the paper's local phase.
 Phase `kd`: end-to-end fine-tuning of the whole student, `finetune=kd` (default): Hinton KD (T=4, alpha=0.9, the
 `kd` defaults); `finetune=label_refinery`: Label Refinery (Bagherinezhad et al. 2018), the paper's main fine-tuning
 method - the student matches the teacher's softmax on the same crop, KL at T=1, no ground-truth labels.
@@ -53,6 +56,7 @@ class MLDOptions(MethodOptions):
     local_epochs: int = -1
     kd_epochs: int = -1
     finetune: str = "kd"  # kd | label_refinery
+    head_breakpoint: bool = True  # the local phase also distils the logits through the student's last group + head
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -94,7 +98,9 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
         # training raises them exactly where the teacher is sensitive
         self.masks = nn.ParameterList(nn.Parameter(torch.zeros(c, h, w)) for c, h, w in t_shapes)
         self.to_teacher = nn.ModuleList(_adapter(s[0], t[0]) for s, t in zip(s_shapes, t_shapes))
-        self.to_student = nn.ModuleList(_adapter(t[0], s[0]) for s, t in zip(s_shapes[:-1], t_shapes[:-1]))
+        # group i+1 takes the teacher's breakpoint-i output; with the head breakpoint the group after the last too
+        fed = s_shapes if options.head_breakpoint else s_shapes[:-1]
+        self.to_student = nn.ModuleList(_adapter(t[0], s[0]) for s, t in zip(fed, t_shapes))
         self._s_shapes = [tuple(s) for s in s_shapes]
 
     # -- phases
@@ -105,7 +111,8 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
 
     def phase_parts(self):
         groups = parameters_by_stage(self.student, self.student_points)
-        local = [p for g in groups[:-1] for p in g] + list(self.to_teacher.parameters()) + list(self.to_student.parameters())
+        trained = groups if self.options.head_breakpoint else groups[:-1]
+        local = [p for g in trained for p in g] + list(self.to_teacher.parameters()) + list(self.to_student.parameters())
         return [("masks", list(self.masks.parameters()), False), ("local", local, False),
                 ("kd", list(self.student.parameters()), True)]
 
@@ -135,29 +142,33 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
     def teacher_features(self, x) -> list[torch.Tensor]:
         return run_with_taps(self.teacher, x, self.teacher_points)[1]
 
-    def student_groups(self, x, teacher_feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each student group's output when group i+1 is fed the (adapted) teacher output at breakpoint i; the
-        student's head is not run."""
+    def student_groups(self, x, teacher_feats: list[torch.Tensor],
+                       through_head: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each student group's output when group i+1 is fed the (adapted) teacher output at breakpoint i, and
+        with `through_head` the logits of the last group + head fed the teacher's last breakpoint output (else
+        the head is not run: None)."""
         modules = modules_at(self.student, self.student_points)
         outputs: dict[int, torch.Tensor] = {}
 
         def hook(i):
             def replace(_m, _inp, out):
                 outputs[i] = out
-                if i == len(modules) - 1:
+                if i == len(modules) - 1 and not through_head:
                     raise StopForward
                 return resize(self.to_student[i](teacher_feats[i]), self._s_shapes[i][1:])
             return replace
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+        logits = None
         try:
-            self.student(x)
+            logits = self.student(x)
         except StopForward:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return [resize(self.to_teacher[i](outputs[i]), teacher_feats[i].shape[-2:]) for i in range(len(modules))]
+        adapted = [resize(self.to_teacher[i](outputs[i]), teacher_feats[i].shape[-2:]) for i in range(len(modules))]
+        return adapted, logits
 
     def noised_teacher(self, x, noise: list[torch.Tensor]) -> torch.Tensor:
         """The teacher with x_t_i + (1 - M_i) * noise_i at every breakpoint (Eq. 4)."""
@@ -178,7 +189,7 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
     def _masks_loss(self, x, y):
         feats = self.teacher_features(x)
         with torch.no_grad(), _batch_statistics(self.student):
-            noise = self.student_groups(x, feats)
+            noise, _ = self.student_groups(x, feats)
         logits = self.noised_teacher(x, noise)
         ce = F.cross_entropy(logits, y)
         norm = sum(m.norm() for m in self.masks)
@@ -187,13 +198,17 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
                              {"teacher_ce": ce.detach(), "mask_norm": norm.detach()})
 
     def _local_loss(self, step):
-        x = step.x
-        _, feats = self.teacher_forward(step, self.phase_teacher_needs("local"), stop_after=self.teacher_points[-1])
-        student = self.student_groups(x, feats)
+        x, head = step.x, self.options.head_breakpoint
+        stop = None if head else self.teacher_points[-1]  # the head breakpoint needs the teacher's logits
+        teacher_logits, feats = self.teacher_forward(step, self.phase_teacher_needs("local"), stop_after=stop)
+        student, logits = self.student_groups(x, feats, through_head=head)
         masks = [m.detach() for m in self.masks]
-        terms = [masked_l1(t, s, m) for t, s, m in zip(feats, student, masks)]
-        loss = sum(terms)
-        return DistillOutput(loss, zero_logits(x, self.student.num_classes), {"masked_l1": loss.detach()})
+        l1 = sum(masked_l1(t, s, m) for t, s, m in zip(feats, student, masks))
+        if not head:
+            return DistillOutput(l1, zero_logits(x, self.student.num_classes), {"masked_l1": l1.detach()})
+        head_kd = kd_loss(logits, teacher_logits, self.options.temperature)
+        return DistillOutput(l1 + head_kd, zero_logits(x, self.student.num_classes),
+                             {"masked_l1": l1.detach(), "head_kd": head_kd.detach()})
 
     # -- masks picture
     def write_artifacts(self, run_dir: Path) -> None:
