@@ -22,7 +22,8 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = setting(5e-4, at_least=0)
     warmup_epochs: float = setting(1.0, at_least=0)
-    schedule: str = setting("cosine", choices=("cosine", "constant"))
+    # step: x0.1 at 30%, 60% and 90% of the phase (SSKD's stage schedule)
+    schedule: str = setting("cosine", choices=("cosine", "constant", "step"))
     grad_clip: float = setting(0.0, at_least=0, hint="max global gradient norm; 0 disables")
     # the lr of everything but the final classifier is scaled by this: < 1 fine-tunes a pretrained body gently
     body_lr_scale: float = setting(1.0, above=0, at_most=1)

@@ -224,6 +224,21 @@ def test_gradients_reach_exactly_the_phase_parameters(method):
     assert extras_trained == extras  # adapters / regressors / connectors / peers / exits all train somewhere
 
 
+def test_sskd_stages_train_at_the_papers_rate_and_step_schedule_and_the_head_at_the_runs():
+    from edgekd.train.schedules import lr_at
+
+    run = OptimConfig(lr=0.05, warmup_epochs=1.0)
+    phases = build("sskd").phases(10, run)
+    stage, head = phases[0].optim, phases[-1].optim
+    assert head == run and all(p.optim == stage for p in phases[:-1])
+    assert (stage.lr, stage.schedule, stage.warmup_epochs) == (0.01, "step", 0.0)
+    # 100 steps: x0.1 from step 30, 60 and 90 on (by hand)
+    assert [lr_at(s, 100, 10, stage) for s in (0, 29, 30, 59, 60, 89, 90, 99)] == pytest.approx(
+        [0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    assert all(p.optim == run for p in build("sskd", stage_lr="0").phases(10, run))
+    assert build("sskd_multiloss").phases(10, run)[0].optim == stage  # its backbone phase: the same rate
+
+
 def test_sskd_stage_i_trains_stage_i_and_its_adapter_only():
     d = build("sskd")
     names = {id(p): n for n, p in d.named_parameters()}

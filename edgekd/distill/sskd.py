@@ -13,6 +13,10 @@ Adapters, training-only: a 1x1 conv when channel counts differ (the paper's "add
 with 1x1 kernel"; `adapter_bn=true` adds BN as the other methods' adapters have), and a bilinear resize of
 the student's map when spatial sizes differ.
 Epochs: `stage_epochs` per stage and `head_epochs`, each -1 for an equal share of --epochs (the total).
+Learning rate: the stage phases train at `stage_lr` (the paper's 0.01, SGD with the run's momentum) on
+`stage_schedule` (`step`: x0.1 at 30/60/90% of each stage, the paper's ImageNet schedule of 60 epochs per
+stage, decayed at 18/36/54; `cosine` as the run), without warm-up; `stage_lr=0` keeps the run's --lr. The head
+phase uses the run's optimiser settings.
 
 `sskd_multiloss` is the paper's "multi-loss training" baseline (Table 2): one phase "backbone" minimises the
 sum of the K stage losses over the whole backbone at once, then the same "head" phase. Its backbone phase
@@ -20,6 +24,7 @@ gets the epochs SSKD spends on all its stages (K * stage_epochs).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +43,8 @@ class SSKDOptions(MethodOptions):
     stage_epochs: int = -1  # per stage; -1: an equal share of --epochs
     head_epochs: int = -1  # -1: an equal share of --epochs
     adapter_bn: bool = False  # BN after the adapters' 1x1 conv (the paper has none)
+    stage_lr: float = 0.01  # peak lr of the stage phases (the paper's); 0: the run's --lr
+    stage_schedule: str = "step"  # step (the paper's x0.1 at 30/60/90%) | cosine
     student_layers: str = ""  # stage ends, in forward order (overrides `stages`)
     teacher_layers: str = ""
 
@@ -46,6 +53,9 @@ class SSKDOptions(MethodOptions):
             raise EdgekdError(f"sskd stages must be >= 1, got {self.stages}")
         if self.stage_epochs < -1 or self.head_epochs < -1 or self.stage_epochs == 0 or self.head_epochs == 0:
             raise EdgekdError("sskd stage_epochs and head_epochs must be >= 1 (or -1 for an equal share of --epochs)")
+        if self.stage_lr < 0 or self.stage_schedule not in ("step", "cosine"):
+            raise EdgekdError(f"sskd needs stage_lr >= 0 (0: the run's --lr) and stage_schedule step or cosine, got "
+                              f"{self.stage_lr} and '{self.stage_schedule}'")
 
 
 def planned_stages(options: SSKDOptions) -> int:
@@ -98,6 +108,14 @@ class StageByStageKD(MultiPhaseDistiller):
     def epoch_plan(cls, options, distiller=None):
         k = distiller.num_stages if distiller is not None else planned_stages(options)
         return [(f"stage{i + 1}", options.stage_epochs, 1) for i in range(k)] + [("head", options.head_epochs, 1)]
+
+    def phases(self, epochs, optim):
+        """The backbone phases at the stage rate and schedule, the head phase with the run's settings."""
+        if self.options.stage_lr == 0:
+            return super().phases(epochs, optim)
+        stage = dataclasses.replace(optim, lr=self.options.stage_lr, schedule=self.options.stage_schedule,
+                                    warmup_epochs=0.0)
+        return [p if p.name == "head" else dataclasses.replace(p, optim=stage) for p in super().phases(epochs, optim)]
 
     def stage_losses(self, x: torch.Tensor, upto: int, only: int | None = None) -> list[torch.Tensor]:
         """L2 losses of stages 0..upto (0-based) from one forward of each network cut at boundary `upto`."""
