@@ -554,6 +554,9 @@ def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainCon
                    bank_seed=config.split_seed, views=views)
 
 
+TEACHER_CHUNK = 16
+
+
 def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
                      console, epochs: int, taps: tuple = (), views: TrainViews | None = None,
                      resolved: Resolved | None = None) -> tuple[TeacherOutputs, int]:
@@ -564,7 +567,9 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
                            autocast=config.teacher_autocast, compile=config.teacher_compile, taps=taps)
     augmenting = config.augment and data.augment is not None
     variants = (config.teacher_cache_variants or epochs) if augmenting else 0
-    chunk = max(1, config.batch_size // runtime.dist.world_size)  # the teacher's batch size (TeacherOutputs)
+    # the teacher's fixed batch (TeacherOutputs): small, so a training batch with a few misses (the images an
+    # epoch's dropped last batch left out) pays for 16 teacher images, not a whole batch
+    chunk = min(TEACHER_CHUNK, max(1, config.batch_size // runtime.dist.world_size))
     if config.teacher_cache == "off":
         return TeacherOutputs(runner, None, chunk=chunk), variants
     views = views or TrainViews()

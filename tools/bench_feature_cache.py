@@ -28,9 +28,11 @@ from tools.benchdoc import ARCHIVE, ensure_run, epoch_records, run_header, write
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
 TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"
-# (method, its options): enough epochs that every phase gets at least one after the fill
-METHODS = {"ce": {}, "at": {}, "nst": {}, "rkd": {}, "fitnet": {"hint_epochs": 2}, "ab": {"init_epochs": 2},
-           "fsp": {"init_epochs": 2}, "mld": {"mask_epochs": 1, "local_epochs": 2, "kd_epochs": 1}}
+# method: (epochs, options). The first served epoch fills the cache and the next one still misses the images
+# the fill epoch's dropped last batch left out, so every served phase gets 3 epochs: its third reads only.
+METHODS = {"ce": (4, {}), "at": (4, {}), "nst": (4, {}), "rkd": (4, {}),
+           "fitnet": (5, {"hint_epochs": 3}), "ab": (5, {"init_epochs": 3}), "fsp": (5, {"init_epochs": 3}),
+           "mld": (5, {"mask_epochs": 1, "local_epochs": 3, "kd_epochs": 1})}
 SPEED_GOAL = 0.7
 
 
@@ -39,7 +41,6 @@ def parse_args():
     p.add_argument("--student", default="mobilenetv3_small_050")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--limit", type=int, default=3000, help="training images")
-    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"])
@@ -55,7 +56,8 @@ def run(method: str, args) -> dict:
     name = f"{method}-{args.cache_dtype}" if args.cache_dtype != "float32" else method
     config = dict(data="fashion-mnist", resolution=args.resolution, student=args.student,
                   teacher=None if method == "ce" else str(TEACHER / "best.pt"), method=method,
-                  method_options=METHODS[method], epochs=args.epochs, batch_size=args.batch_size, limit=args.limit,
+                  method_options=METHODS[method][1], epochs=METHODS[method][0], batch_size=args.batch_size,
+                  limit=args.limit,
                   optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=0, teacher_cache="memory",
                   teacher_cache_variants=1, teacher_cache_dtype=args.cache_dtype, checkpoint_interval_s=1e9)
     run_dir = args.out / name
@@ -66,11 +68,12 @@ def run(method: str, args) -> dict:
         return {"failed": summary["failed"]}
     records = epoch_records(run_dir)
     served = [r for r in records if "teacher_cache" in r]
-    cached = [r["images_per_s"] for r in served if r["teacher_cache"]["hit_rate"] == 1.0]
-    fill = [r["images_per_s"] for r in served if r["teacher_cache"]["hit_rate"] < 1.0]
+    cached = [f"{r['phase']} {r['images_per_s']:.0f}" for r in served if r["teacher_cache"]["hit_rate"] == 1.0]
+    slowest = min((r["images_per_s"] for r in served if r["teacher_cache"]["hit_rate"] == 1.0), default=None)
+    partial = [f"{r['phase']} {r['images_per_s']:.0f} ({100 * r['teacher_cache']['hit_rate']:.0f}% hits)"
+               for r in served if r["teacher_cache"]["hit_rate"] < 1.0]
     live = [f"{r['phase']} {r['images_per_s']:.0f}" for r in records if "teacher_cache" not in r and method != "ce"]
-    return {"method": method, "cached": sum(cached) / len(cached) if cached else None,
-            "fill": fill[0] if fill else None, "live_phases": live,
+    return {"method": method, "cached": cached, "slowest_cached": slowest, "filling": partial, "live_phases": live,
             # CE: the epochs after the first, like the cached epochs of the others
             "all": sum(r["images_per_s"] for r in records[1:]) / max(len(records) - 1, 1),
             "bytes": served[-1]["teacher_cache"]["bytes"] if served else None}
@@ -78,8 +81,8 @@ def run(method: str, args) -> dict:
 
 def report(results: dict[str, dict], args) -> str:
     ce = results.get("ce", {}).get("all")
-    lines = ["| method | cache MiB | fill epoch img/s | cached img/s | vs CE | epochs not served (MLD masks: teacher "
-             "live; FSP ce: no teacher) |",
+    lines = ["| method | cache MiB | epochs filling the cache, img/s | epochs read from the cache, img/s | slowest "
+             "cached vs CE | epochs not served (MLD masks: teacher live; FSP ce: no teacher) |",
              "|---|---|---|---|---|---|"]
     worst = None
     for method, r in results.items():
@@ -91,17 +94,19 @@ def report(results: dict[str, dict], args) -> str:
         if method == "ce":
             lines.append(f"| ce (no teacher) | - | - | {r['all']:.0f} | 1.00 | - |")
             continue
-        ratio = r["cached"] / ce if ce and r["cached"] else None
+        ratio = r["slowest_cached"] / ce if ce and r["slowest_cached"] else None
         if ratio is not None:
             worst = ratio if worst is None else min(worst, ratio)
-        lines.append(f"| {method} | {r['bytes'] / 2**20:.0f} | {r['fill']:.0f} | {r['cached']:.0f} | "
-                     f"{ratio:.2f} | {', '.join(r['live_phases']) or '-'} |")
+        lines.append(f"| {method} | {r['bytes'] / 2**20:.0f} | {', '.join(r['filling']) or '-'} | "
+                     f"{', '.join(r['cached']) or '-'} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                     f"{', '.join(r['live_phases']) or '-'} |")
     goal = ("no cached method measured yet" if worst is None else
             f"{'met' if worst >= SPEED_GOAL else 'missed'} (slowest {worst:.2f}x CE)")
     return "\n".join([
         *run_header(args.threads),
         f"Student {args.student} at {args.resolution} px, {args.limit} Fashion-MNIST training images, batch "
-        f"{args.batch_size}, {args.epochs} epochs, crop/flip augmentation with one banked variant per image; teacher "
+        f"{args.batch_size}, 4 epochs (multi-phase methods 5: 3 in the served phase), crop/flip augmentation with "
+        "one banked variant per image; teacher "
         f"efficientnet_lite0 at {args.resolution} px (the Distillation-pays teacher, 93.0%); cache rows "
         f"{args.cache_dtype}, in memory. img/s = training images per second of an epoch, one thread.",
         "",
