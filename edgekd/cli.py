@@ -356,8 +356,8 @@ def quantize_cmd(ctx, run, method, out_dir, epochs, teacher, temperature, alpha,
     if run is None:
         raise EdgekdError("say which run to quantize: edgekd quantize RUN (or --resume QUANTIZED_RUN)")
     api.quantize(run, method=method, out=out_dir, epochs=epochs, teacher=teacher, temperature=temperature,
-                 alpha=alpha, optimizer=optimizer, lr=lr, batch_size=batch_size, calib_images=calib_images, data=data, seed=seed,
-                 device=device, console=console)
+                 alpha=alpha, optimizer=optimizer, lr=lr, batch_size=batch_size, calib_images=calib_images,
+                 data=data, seed=seed, device=device, console=console)
 
 
 @main.group()

@@ -112,7 +112,8 @@ class MaskedLayerDistillation(MultiPhaseDistiller):
     def phase_parts(self):
         groups = parameters_by_stage(self.student, self.student_points)
         trained = groups if self.options.head_breakpoint else groups[:-1]
-        local = [p for g in trained for p in g] + list(self.to_teacher.parameters()) + list(self.to_student.parameters())
+        adapters = list(self.to_teacher.parameters()) + list(self.to_student.parameters())
+        local = [p for g in trained for p in g] + adapters
         return [("masks", list(self.masks.parameters()), False), ("local", local, False),
                 ("kd", list(self.student.parameters()), True)]
 
