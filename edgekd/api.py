@@ -19,7 +19,7 @@ from .data.imageset import ConcatImageSet
 from .distill import METHODS, Distiller, takes_only_logits
 from .distill.phase import Phase
 from .distill.step import LOGITS, combined_needs
-from .distill.teacher_outputs import (TEACHER_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
+from .distill.teacher_outputs import (TEACHER_BATCH, TEACHER_CACHE_DIR, TeacherCache, TeacherOutputs, TeacherRunner,
                                       images_fingerprint, state_fingerprint)
 from .distributed import barrier, init_distributed, shutdown
 from .errors import EdgekdError
@@ -554,9 +554,6 @@ def _trainer(run_dir: Path, data: DataModule, runtime: Runtime, config: TrainCon
                    bank_seed=config.split_seed, views=views)
 
 
-TEACHER_CHUNK = 16
-
-
 def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, teacher: nn.Module,
                      console, epochs: int, taps: tuple = (), views: TrainViews | None = None,
                      resolved: Resolved | None = None) -> tuple[TeacherOutputs, int]:
@@ -569,7 +566,7 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
     variants = (config.teacher_cache_variants or epochs) if augmenting else 0
     # the teacher's fixed batch (TeacherOutputs): small, so a training batch with a few misses (the images an
     # epoch's dropped last batch left out) pays for 16 teacher images, not a whole batch
-    chunk = min(TEACHER_CHUNK, max(1, config.batch_size // runtime.dist.world_size))
+    chunk = min(TEACHER_BATCH, max(1, config.batch_size // runtime.dist.world_size))
     if config.teacher_cache == "off":
         return TeacherOutputs(runner, None, chunk=chunk), variants
     views = views or TrainViews()

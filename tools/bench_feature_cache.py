@@ -24,10 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.benchdoc import ARCHIVE, ensure_run, epoch_records, run_header, write_section  # noqa: E402
+from tools.benchdoc import DISTILL_PAYS_TEACHER as TEACHER, ensure_run, epoch_records, run_header, write_section  # noqa: E402
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
-TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"
 # method: (epochs, options). The first served epoch fills the cache and the next one still misses the images
 # the fill epoch's dropped last batch left out, so every served phase gets 3 epochs: its third reads only.
 METHODS = {"ce": (4, {}), "at": (4, {}), "nst": (4, {}), "rkd": (4, {}),

@@ -37,10 +37,9 @@ from edgekd import api  # noqa: E402
 from edgekd.config import OptimConfig  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
 from edgekd.quantize.config import DEFAULTS as QAT  # noqa: E402
-from tools.benchdoc import ARCHIVE, archive_path, ensure_run, run_header, write_section  # noqa: E402
+from tools.benchdoc import DISTILL_PAYS_TEACHER, archive_path, ensure_run, run_header, write_section  # noqa: E402
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
-DISTILL_PAYS_TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"  # EfficientNet-Lite0, 64 px
 QAT_GOAL_POINTS = 0.3
 AGREEMENT_GOAL = 0.99
 

@@ -39,6 +39,8 @@ def run_header(threads: int) -> list[str]:
 # Finished benchmark runs are kept in git as their records (bench-runs/<benchmark>/<run>/), so a later session on a
 # fresh checkout continues a long benchmark instead of restarting it; runs/ itself is not versioned.
 ARCHIVE = Path(__file__).resolve().parent.parent / "bench-runs"
+# the strong teacher of "Distillation pays" (EfficientNet-Lite0 at 64 px, 93.0%), reused by other benchmarks
+DISTILL_PAYS_TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"
 RECORDS = ("config.yaml", "summary.json", "metrics.jsonl")
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger("edgekd.teacher")
 CACHE_VERSION = 1
 TEACHER_CACHE_DIR = DEFAULT_CACHE_DIR / "teacher-outputs"  # disk caches, unless teacher_cache_dir says otherwise
 DTYPES = {"float32": np.float32, "float16": np.float16}
+TEACHER_BATCH = 16  # TeacherOutputs' fixed teacher batch (its `chunk`), at most the training batch
 DISK_RESERVE_BYTES = 1 << 30  # a disk cache leaves this much free: the run still has checkpoints to write
 
 
