@@ -1,7 +1,9 @@
 """NetAug: the base sub-network is exactly the exported student, augmented configurations share its weights, the
 schedule and channel sorting behave, and it trains and resumes under the trainer."""
+import dataclasses
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from edgekd.distill.step import Step
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model
 from edgekd.train.checkpoint import read_checkpoint
+from edgekd.train.schedules import lr_at
 from edgekd.train.trainer import TrainingInterrupted
 
 FAMILIES = ["mobilenetv2_035", "mobilenetv3_small_050", "mobilenetv3_large_035", "efficientnet_lite0",
@@ -84,14 +87,78 @@ def test_one_step_updates_the_shared_weights_the_base_uses():
     assert torch.equal(d.student_for_export().blocks[1][0].conv_pw.conv.weight, d.shared[key][base_slice])
 
 
-def test_augmentation_stops_for_the_last_part_of_training():
-    d = netaug(stop_fraction="0.5").train()
+def test_width_augmentation_stops_for_the_last_half_and_expansion_runs_to_the_end():
+    """The reference's schedule (configs/netaug.yaml: stop_aug_w_epoch 75 of 155, stop_aug_e_epoch 0): the last
+    half draws width 1.0 and still augments the expansion ratios; channels are sorted only in the first half."""
+    d = netaug().train()
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+    sorted_at = []
+    d.sort_channels = lambda optimizer=None: sorted_at.append(epoch)
+    seen = []
+    for epoch in range(4):
+        d.on_epoch_start(epoch, 4, opt)
+        terms = [d(Step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))).terms for _ in range(12)]
+        assert all("augmented" in t for t in terms)
+        seen.append(({float(t["width"]) for t in terms}, {float(t["expand"]) for t in terms}))
+    assert [w == {1.0} for w, _ in seen] == [False, False, True, True]
+    assert all(len(e) > 1 for _, e in seen)  # expansion factors still drawn at random to the last epoch
+    assert sorted_at == [1]  # epoch 0 is the initialisation; none after the width augmentation stopped
+
+
+def test_expand_stop_fraction_turns_all_augmentation_off_for_the_last_part():
+    d = netaug(stop_fraction="0.5", expand_stop_fraction="0.5").train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
     seen = []
     for epoch in range(4):
         d.on_epoch_start(epoch, 4, opt)
         seen.append("augmented" in d(Step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))).terms)
     assert seen == [True, True, False, False]
+
+
+def test_schedule_and_clip_options_default_to_the_reference_and_ours():
+    o = METHODS.get("netaug").Options()
+    assert (o.stop_fraction, o.expand_stop_fraction, o.grad_clip, o.label_smoothing) == (0.5, 0.0, 3.0, 0.0)
+    o = METHODS.get("netaug+kd").Options.from_strings({"grad_clip": "0", "expand_stop_fraction": "0.25",
+                                                       "label_smoothing": "0.1"})
+    assert (o.grad_clip, o.expand_stop_fraction, o.label_smoothing) == (0.0, 0.25, 0.1)
+
+
+def test_the_phase_clips_by_default_and_an_explicit_grad_clip_wins():
+    run = OptimConfig(lr=0.05, warmup_epochs=1.0)
+    phase, = netaug().phases(10, run)
+    assert phase.optim == dataclasses.replace(run, grad_clip=3.0)  # everything else is the run's
+    assert netaug(grad_clip="1.5").phases(10, run)[0].optim.grad_clip == 1.5
+    assert netaug(grad_clip="0").phases(10, run)[0].optim.grad_clip == 0.0  # off
+    explicit = dataclasses.replace(run, grad_clip=7.0)
+    assert netaug().phases(10, explicit)[0].optim == explicit
+    assert netaug(grad_clip="1.5").phases(10, explicit)[0].optim.grad_clip == 7.0
+
+
+def test_the_phase_lr_is_the_reference_cosine_to_zero_after_warm_up():
+    """The reference's CosineLRwithWarmup (utils/lr_scheduler.py) after its 5 warm-up epochs: 0.5 lr (1 + cos(pi t /
+    decay_steps)), t counted from the warm-up's end, decay_steps = 150 epochs; our warm-up ramps from lr / steps."""
+    steps, lr = 10, 0.4
+    phase, = netaug().phases(155, OptimConfig(lr=lr, warmup_epochs=5))
+    total = 155 * steps
+    for step in (50, 51, 100, 800, 1234, total - 1):
+        assert lr_at(step, total, steps, phase.optim) == pytest.approx(0.5 * lr * (1 + math.cos(math.pi * (step - 50) / 1500)))
+    assert lr_at(800, total, steps, phase.optim) == pytest.approx(lr / 2)
+    assert lr_at(total - 1, total, steps, phase.optim) < 1e-5 * lr
+    assert [lr_at(s, total, steps, phase.optim) for s in (0, 24, 49)] == pytest.approx([lr / 50, lr / 2, lr])
+
+
+def test_label_smoothing_reaches_both_losses():
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    plain, smooth = netaug().train(), netaug(label_smoothing="0.3").train()
+    torch.manual_seed(1)  # the same dropout masks
+    a = plain(Step(x, y))
+    torch.manual_seed(1)
+    b = smooth(Step(x, y))
+    assert torch.equal(a.logits, b.logits)
+    expected = torch.nn.functional.cross_entropy(b.logits, y, label_smoothing=0.3)
+    assert b.terms["base"] == pytest.approx(float(expected), rel=1e-5)
+    assert b.terms["base"] != pytest.approx(float(a.terms["base"]), rel=1e-4)
+    assert b.terms["augmented"] != pytest.approx(float(a.terms["augmented"]), rel=1e-4)
 
 
 def test_channel_sorting_keeps_the_function_and_moves_important_channels_first():
@@ -120,7 +187,8 @@ def test_channel_sorting_keeps_the_function_and_moves_important_channels_first()
 
 
 def test_bad_options_are_one_line_errors():
-    for options in ({"expand_factors": "1.6,2.2"}, {"width_factors": "1.0,x"}, {"stop_fraction": "1.0"}):
+    for options in ({"expand_factors": "1.6,2.2"}, {"width_factors": "1.0,x"}, {"stop_fraction": "1.0"},
+                    {"expand_stop_fraction": "-0.1"}, {"grad_clip": "-1"}, {"label_smoothing": "1"}):
         with pytest.raises(EdgekdError, match="netaug"):
             netaug(**options)
 

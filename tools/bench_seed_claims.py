@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.benchdoc import DISTILL_PAYS_TEACHER, ensure_run, epoch_records, restore, run_header, write_section  # noqa: E402
+from tools.benchdoc import (DISTILL_PAYS_TEACHER, ensure_run, epoch_records, restore, run_header,  # noqa: E402
+                            write_section)
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default="mobilenetv3_small_050")
     p.add_argument("--limit", type=int, default=10000, help="training images (10%% of them held out for validation)")
-    p.add_argument("--resolution", type=int, default=64, help="the teacher's resolution: feature methods need both alike")
+    p.add_argument("--resolution", type=int, default=64,
+                   help="the teacher's resolution: feature methods need both alike")
     p.add_argument("--variants", type=int, default=4, help="augmented views per image whose teacher outputs are cached")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="train only these arms (default: all, in table order)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--worker", type=int, default=0, help="this process trains runs number worker, worker + workers, ...")
+    p.add_argument("--worker", type=int, default=0,
+                   help="this process trains runs number worker, worker + workers, ...")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report", action="store_true", help="train nothing: write the tables from the finished runs")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_seed_claims")
@@ -160,7 +163,8 @@ def report(args) -> None:
         runs = results.get(label, [])
         minutes = f"{statistics.mean(s['train_s'] for s in runs) / 60:.1f}" if runs else "-"
         options = ", ".join(f"{k} {v}" for k, v in arm.options.items()) or "defaults"
-        arm_rows.append(f"| {label} | `{arm.method}` ({options}) | {arm.epochs} | {cell(acc.get(label, []))} | {minutes} |")
+        arm_rows.append(f"| {label} | `{arm.method}` ({options}) | {arm.epochs} | {cell(acc.get(label, []))} | "
+                        f"{minutes} |")
 
     claim_rows = []
     for claim, paper, other in CLAIMS:

@@ -62,10 +62,16 @@ def preactivation_tap(model: nn.Module, path: str) -> Tap:
 
 
 def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    """Alternative (hinge-style) loss of Eq. 4, summed over neurons and divided by the batch size."""
-    s, on = student.float(), teacher.float() > 0
-    loss = torch.where(on, (s - margin).pow(2) * (s < margin), (s + margin).pow(2) * (s > -margin))
-    return loss.sum() / s.shape[0]
+    """Alternative (hinge-style) loss of Eq. 4, summed over neurons and divided by the batch size.
+
+    Both cases are one hinge: (s - mu)^2 [s < mu] = relu(mu - s)^2 and (s + mu)^2 [s > -mu] = relu(mu + s)^2,
+    so with sign = -1 where the teacher's neuron is on and +1 where it is off, the loss is relu(mu + sign * s)^2:
+    bitwise the same values and gradients as evaluating both branches and selecting (torch.where), in a third of
+    the passes over the maps."""
+    with torch.no_grad():
+        sign = torch.where(teacher > 0, -1.0, 1.0)  # float32 whatever the teacher's dtype
+    z = (student.float() * sign).add_(margin).relu_()  # * +-1 is exact; m + (-s) == m - s in IEEE arithmetic
+    return z.pow(2).sum() / student.shape[0]
 
 
 def boundary_agreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

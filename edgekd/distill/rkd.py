@@ -49,14 +49,34 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.smooth_l1_loss(normalised(student), t)
 
 
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at e_j between e_i and e_k for every (j, i, k), flattened: unit(e_i - e_j) . unit(e_k - e_j),
+    0 when e_i or e_k coincides with e_j (the unit of a zero difference is the zero vector, as F.normalize makes it).
+
+    From the Gram matrix G of the embeddings alone: (e_i - e_j) . (e_k - e_j) = G_ik - G_ij - G_jk + G_jj and
+    ||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij, O(B^2 D + B^3) instead of the O(B^3 D) of normalising B^2 differences
+    and multiplying them. Those sums cancel (differences of near-equal terms), so they run in float64, on
+    embeddings centred on the batch mean (differences do not change); the cosines come back as float32. A pair
+    counts as coinciding when its squared distance is within 1e-12 of the squared norms (below float32's
+    resolution of the embeddings themselves): every j == i, and exact duplicates, whose float64 distance can
+    round to a tiny non-zero."""
+    x = e.double().flatten(1)
+    x = x - x.mean(0)
+    g = x @ x.t()
+    sq_norm = g.diagonal()
+    scale = sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0)
+    sq = scale - 2 * g  # sq[j, i] = ||e_i - e_j||^2
+    apart = sq > 1e-12 * scale  # False on the diagonal (sq == 0 there exactly)
+    inv = torch.where(apart, torch.where(apart, sq, 1.0).rsqrt(), 0.0)  # 1 / ||e_i - e_j||, 0 where they coincide
+    # dots[j, i, k] = (e_i - e_j) . (e_k - e_j)
+    dots = g.unsqueeze(0) - g.unsqueeze(2) - g.unsqueeze(1) + sq_norm.view(-1, 1, 1)
+    return (dots * inv.unsqueeze(2) * inv.unsqueeze(1)).float().flatten()
+
+
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    def angles(e):
-        e = e.float().flatten(1)
-        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # diff[j, i] = unit(e_i - e_j)
-        return (diff @ diff.transpose(1, 2)).flatten()
     with torch.no_grad():
-        t = angles(teacher)
-    return F.smooth_l1_loss(angles(student), t)
+        t = _angles(teacher)
+    return F.smooth_l1_loss(_angles(student), t)
 
 
 def embedding(model, x):
