@@ -117,7 +117,7 @@ def test_expand_stop_fraction_turns_all_augmentation_off_for_the_last_part():
 
 def test_schedule_and_clip_options_default_to_the_reference_and_ours():
     o = METHODS.get("netaug").Options()
-    assert (o.stop_fraction, o.expand_stop_fraction, o.grad_clip, o.label_smoothing) == (0.5, 0.0, 3.0, 0.0)
+    assert (o.stop_fraction, o.expand_stop_fraction, o.grad_clip, o.label_smoothing) == (0.5, 0.0, 10.0, 0.0)
     o = METHODS.get("netaug+kd").Options.from_strings({"grad_clip": "0", "expand_stop_fraction": "0.25",
                                                        "label_smoothing": "0.1"})
     assert (o.grad_clip, o.expand_stop_fraction, o.label_smoothing) == (0.0, 0.25, 0.1)
@@ -126,7 +126,7 @@ def test_schedule_and_clip_options_default_to_the_reference_and_ours():
 def test_the_phase_clips_by_default_and_an_explicit_grad_clip_wins():
     run = OptimConfig(lr=0.05, warmup_epochs=1.0)
     phase, = netaug().phases(10, run)
-    assert phase.optim == dataclasses.replace(run, grad_clip=3.0)  # everything else is the run's
+    assert phase.optim == dataclasses.replace(run, grad_clip=10.0)  # everything else is the run's
     assert netaug(grad_clip="1.5").phases(10, run)[0].optim.grad_clip == 1.5
     assert netaug(grad_clip="0").phases(10, run)[0].optim.grad_clip == 0.0  # off
     explicit = dataclasses.replace(run, grad_clip=7.0)
@@ -141,24 +141,25 @@ def test_the_phase_lr_is_the_reference_cosine_to_zero_after_warm_up():
     phase, = netaug().phases(155, OptimConfig(lr=lr, warmup_epochs=5))
     total = 155 * steps
     for step in (50, 51, 100, 800, 1234, total - 1):
-        assert lr_at(step, total, steps, phase.optim) == pytest.approx(0.5 * lr * (1 + math.cos(math.pi * (step - 50) / 1500)))
+        reference = 0.5 * lr * (1 + math.cos(math.pi * (step - 50) / 1500))
+        assert lr_at(step, total, steps, phase.optim) == pytest.approx(reference)
     assert lr_at(800, total, steps, phase.optim) == pytest.approx(lr / 2)
     assert lr_at(total - 1, total, steps, phase.optim) < 1e-5 * lr
     assert [lr_at(s, total, steps, phase.optim) for s in (0, 24, 49)] == pytest.approx([lr / 50, lr / 2, lr])
 
 
-def test_label_smoothing_reaches_both_losses():
+def test_label_smoothing_reaches_both_losses(monkeypatch):
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    plain, smooth = netaug().train(), netaug(label_smoothing="0.3").train()
-    torch.manual_seed(1)  # the same dropout masks
-    a = plain(Step(x, y))
-    torch.manual_seed(1)
-    b = smooth(Step(x, y))
-    assert torch.equal(a.logits, b.logits)
-    expected = torch.nn.functional.cross_entropy(b.logits, y, label_smoothing=0.3)
-    assert b.terms["base"] == pytest.approx(float(expected), rel=1e-5)
-    assert b.terms["base"] != pytest.approx(float(a.terms["base"]), rel=1e-4)
-    assert b.terms["augmented"] != pytest.approx(float(a.terms["augmented"]), rel=1e-4)
+    ce = torch.nn.functional.cross_entropy
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *a, **k: calls.append(k.get("label_smoothing", 0.0)) or ce(*a, **k))
+    out = netaug(label_smoothing="0.3").train()(Step(x, y))
+    assert "augmented" in out.terms and calls == [0.3, 0.3]  # base and augmented network
+    assert float(out.terms["base"]) == pytest.approx(float(ce(out.logits.detach(), y, label_smoothing=0.3)), rel=1e-6)
+    calls.clear()
+    netaug().train()(Step(x, y))
+    assert calls == [0.0, 0.0]
 
 
 def test_channel_sorting_keeps_the_function_and_moves_important_channels_first():
@@ -227,3 +228,56 @@ def test_netaug_trains_exports_a_plain_student_and_resumes(tmp_path):
     b = read_checkpoint(Path(resumed["run_dir"]) / "last.pt")
     assert all(torch.equal(a["extra"][k], b["extra"][k]) for k in a["extra"])
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+
+
+def _spy_clip(monkeypatch):
+    """Records (max_norm, global norm before, global norm after) of every clip the trainer makes."""
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = clip(params, max_norm, *args, **kwargs)
+        after = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        calls.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return calls
+
+
+def _clip_run(tmp_path, name, **changes):
+    return _config(tmp_path, name, limit=128, epochs=1, student_options={"low_res_stem": False},
+                   method_options={"bn_batches": "1"}, **changes)
+
+
+def test_the_trainer_clips_netaug_gradients_at_the_method_default(tmp_path, monkeypatch):
+    calls = _spy_clip(monkeypatch)
+    api.train(_clip_run(tmp_path, "default", optim=OptimConfig(lr=0.05)))
+    assert calls and all(max_norm == 10.0 for max_norm, _, _ in calls)
+    assert any(before > 10.0 for _, before, _ in calls)  # it had something to clip
+    assert all(after <= 10.0 * (1 + 1e-4) for _, _, after in calls)
+
+
+def test_an_explicit_grad_clip_wins_and_the_option_turns_clipping_off(tmp_path, monkeypatch):
+    calls = _spy_clip(monkeypatch)
+    api.train(_clip_run(tmp_path, "explicit", optim=OptimConfig(lr=0.05, grad_clip=2.5)))
+    assert calls and all(max_norm == 2.5 and after <= 2.5 * (1 + 1e-4) for max_norm, _, after in calls)
+    calls.clear()
+    off = _clip_run(tmp_path, "off", optim=OptimConfig(lr=0.05))
+    api.train(off.replace(method_options={"bn_batches": "1", "grad_clip": "0"}))
+    assert calls == []
+
+
+@pytest.mark.slow  # three epochs on digits
+def test_netaug_at_lr_0_05_trains_with_its_clipping(tmp_path):
+    """lr 0.05 at batch 64 diverged unclipped on digits (docs/methods.md: base loss up to 3.3, augmented 6.9); with
+    the method's clipping the base's loss never leaves the chance level (ln 10 = 2.30) upwards and then falls."""
+    cfg = _config(tmp_path, "clipped", optim=OptimConfig(lr=0.05), student_options={"low_res_stem": False},
+                  method_options={"bn_batches": "4"})
+    result = api.train(cfg)
+    epochs = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    base = [e["terms"]["base"] for e in epochs]
+    assert max(base) < 2.6 and base[2] < base[0] - 0.2, base
+    assert [e["terms"]["width"] == 1.0 for e in epochs] == [False, False, True]
+    assert result["test_acc"] > 0.2

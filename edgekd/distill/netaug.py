@@ -66,7 +66,7 @@ def _floats(text) -> tuple[float, ...]:
 
 
 # default max gradient norm for netaug (ours, measured on Fashion-MNIST 32 px, batch 128, see docs/methods.md)
-GRAD_CLIP = 3.0
+GRAD_CLIP = 10.0
 
 
 @dataclass(frozen=True)
