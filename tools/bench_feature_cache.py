@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.benchdoc import DISTILL_PAYS_TEACHER as TEACHER, ensure_run, epoch_records, run_header, write_section  # noqa: E402
+from tools.benchdoc import (  # noqa: E402
+    DISTILL_PAYS_TEACHER as TEACHER, ensure_run, epoch_records, restore, run_header, write_section)
 
 DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
 # method: (epochs, options). The first served epoch fills the cache and the next one still misses the images
@@ -41,7 +42,9 @@ def parse_args():
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--limit", type=int, default=3000, help="training images")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="the methods to train (or resume) now; the others' rows come from their finished runs, "
+                        "as with --report-only (delete a method's run, in runs/ and bench-runs/, to measure it again)")
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_feature_cache")
@@ -49,7 +52,7 @@ def parse_args():
     return p.parse_args()
 
 
-def run(method: str, args) -> dict:
+def run(method: str, args, report_only: bool = False) -> dict:
     from edgekd.config import OptimConfig
 
     name = f"{method}-{args.cache_dtype}" if args.cache_dtype != "float32" else method
@@ -60,7 +63,7 @@ def run(method: str, args) -> dict:
                   optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=0, teacher_cache="memory",
                   teacher_cache_variants=1, teacher_cache_dtype=args.cache_dtype, checkpoint_interval_s=1e9)
     run_dir = args.out / name
-    if args.report_only and not (run_dir / "summary.json").exists():
+    if (args.report_only or report_only) and not restore(run_dir):  # finished here or archived in bench-runs/
         return {}
     summary = ensure_run(run_dir, **config)
     if "failed" in summary:
@@ -120,9 +123,9 @@ def main() -> None:
     sys.argv = [a for a in sys.argv if a != "--report-only"]
     torch.set_num_threads(args.threads)
     results = {}
-    for method in ["ce"] + [m for m in args.methods if m != "ce"]:
+    for method in ["ce"] + [m for m in METHODS if m != "ce"]:  # every row, in the table's order
         print(f"{method} ...", flush=True)
-        results[method] = run(method, args)
+        results[method] = run(method, args, report_only=method != "ce" and method not in args.methods)
     body = report(results, args)
     write_section(DOC, "feature-cache", "Feature caches: teacher-tapping methods at CE's speed", body)
     print(body)

@@ -68,8 +68,9 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     sq = scale - 2 * g  # sq[j, i] = ||e_i - e_j||^2
     apart = sq > 1e-12 * scale  # False on the diagonal (sq == 0 there exactly)
     inv = torch.where(apart, torch.where(apart, sq, 1.0).rsqrt(), 0.0)  # 1 / ||e_i - e_j||, 0 where they coincide
-    # dots[j, i, k] = (e_i - e_j) . (e_k - e_j)
-    dots = g.unsqueeze(0) - g.unsqueeze(2) - g.unsqueeze(1) + sq_norm.view(-1, 1, 1)
+    # dots[j, i, k] = (e_i - e_j) . (e_k - e_j) = G_ik - h_ji - h_jk with h_ji = G_ji - G_jj / 2
+    h = g - sq_norm.unsqueeze(1) / 2
+    dots = g.unsqueeze(0) - h.unsqueeze(2) - h.unsqueeze(1)
     return (dots * inv.unsqueeze(2) * inv.unsqueeze(1)).float().flatten()
 
 
