@@ -256,7 +256,7 @@ def test_sskd_stage_i_trains_stage_i_and_its_adapter_only():
     x = torch.randn(4, 3, 32, 32)
     for p in d.parameters():
         p.requires_grad_(not n_is_teacher(names[id(p)]))
-    d.stage_losses(x, 1, only=1)[0].backward()
+    d.stage_losses(Step(x, torch.zeros(4, dtype=torch.long)), 1, only=1)[0].backward()
     reached = {names[id(p)] for p in d.parameters() if p.grad is not None}
     assert not any(n.startswith(("student.blocks.2.", "student.blocks.3.", "student.conv_head.", "adapters.0.",
                                  "adapters.2.", "adapters.3.", "student.classifier.")) for n in reached)

@@ -90,7 +90,11 @@ def test_cached_and_live_kd_give_identical_loss_and_gradients(digits32):
     ("fsp", {"fsp": lambda d: TeacherNeeds(tuple(t for _, t in d.pairs)), "ce": None}),
     ("rkd", {"rkd": TeacherNeeds((("conv_head", "pooled"),))}),
     ("mld", {"masks": None, "local": lambda d: TeacherNeeds(tuple(d.teacher_points)), "kd": LOGITS}),
-    ("sskd", {"stage1": None, "stage2": None, "stage3": None, "stage4": None, "head": None}),
+    ("sskd", {**{f"stage{i}": lambda d: TeacherNeeds(tuple(t for _, t in d.pairs)) for i in range(1, 5)},
+              "head": None}),
+    ("sskd_multiloss", {"backbone": lambda d: TeacherNeeds(tuple(t for _, t in d.pairs)), "head": None}),
+    ("distpro", {"search": lambda d: TeacherNeeds(tuple(d.teacher_points)),
+                 "retrain": lambda d: TeacherNeeds(tuple(d.teacher_points))}),
 ])
 def test_every_phase_declares_what_the_trainer_serves_it_from_the_teacher(method, served):
     student, teacher = _pair()
@@ -222,7 +226,8 @@ def _served_by_a_cache(teacher, digits32, batch, taps, dtype="float32"):
 
 
 # (method, phase index): every phase whose teacher maps are served
-FEATURE_PHASES = [("at", 0), ("nst", 0), ("fitnet", 0), ("ab", 0), ("fsp", 0), ("rkd", 0), ("mld", 1)]
+FEATURE_PHASES = [("at", 0), ("nst", 0), ("fitnet", 0), ("ab", 0), ("fsp", 0), ("rkd", 0), ("mld", 1), ("sskd", 0),
+                  ("sskd", 2), ("sskd_multiloss", 0), ("distpro", 0)]
 
 
 @pytest.mark.parametrize("method, phase", FEATURE_PHASES)
@@ -311,3 +316,22 @@ def test_a_row_does_not_depend_on_which_images_missed_with_it(digits32):
     assert torch.equal(later.logits(batch.x, batch.index, batch.variant), expected)  # the other 11 miss together
     uncached = TeacherOutputs(runner, None, chunk=len(batch.x))
     assert torch.equal(uncached.logits(batch.x[3:9], batch.index[3:9], batch.variant[3:9]), expected[3:9])
+
+
+def test_every_stage_of_sskd_reads_the_row_its_first_stage_filled(tmp_path, digits32):
+    epochs = _cached_run_equals_live_run(tmp_path, digits32, method="sskd",
+                                         method_options={"stages": 2, "stage_epochs": 1, "head_epochs": 1},
+                                         epochs=3, limit=256, teacher_fold_bn=False)
+    assert [e["phase"] for e in epochs] == ["stage1", "stage2", "head"]
+    # one row holds both boundaries' maps: stage 1 fills it (the teacher runs whole), stage 2 only reads
+    assert [e["teacher_cache"]["hit_rate"] for e in epochs[:2]] == [0.0, 1.0] and "teacher_cache" not in epochs[2]
+
+
+def test_distpro_searches_and_retrains_from_one_cache(tmp_path, digits32):
+    # the search's architecture steps take the served maps of the batch's train part: the searched process, and
+    # so the retrained student, come out exactly as with the teacher live
+    epochs = _cached_run_equals_live_run(tmp_path, digits32, method="distpro",
+                                         method_options={"search_epochs": 1, "retrain_epochs": 1},
+                                         epochs=2, limit=256, teacher_fold_bn=False)
+    assert [e["phase"] for e in epochs] == ["search", "retrain"]
+    assert [e["teacher_cache"]["hit_rate"] for e in epochs] == [0.0, 1.0]

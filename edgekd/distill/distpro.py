@@ -40,6 +40,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import functional_run_with_taps, parse_layers, probe, resize, run_with_taps, spread, stage_boundaries
 from .multiphase import MultiPhaseDistiller
+from .step import TeacherNeeds
 
 TRANSFORMS = ("conv1x1", "conv3x3", "attention")
 DISTANCES = ("l2", "l1", "hcl")
@@ -209,6 +210,18 @@ class DistPro(MultiPhaseDistiller):
         distill = sum((weights[p] * loss for p, loss in losses.items()), torch.zeros((), device=x.device))
         return ce + distill, logits, ce, distill, len(losses)
 
+    def phase_teacher_needs(self, phase):
+        # served, so cached: both phases tap the same maps of the same images; the search's train and validation
+        # parts are rows of the one batch
+        return TeacherNeeds(tuple(self.teacher_points))
+
+    @staticmethod
+    def _served(step, rows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """The teacher's maps the trainer served for the step (of `rows` only), None when it served none."""
+        if step.teacher_logits is None:
+            return None
+        return [f if rows is None else f[rows] for f in step.teacher_features]
+
     def _split(self, index: torch.Tensor) -> torch.Tensor:
         """True for the images of the validation part (a fixed, index-determined val_fraction of the data)."""
         # Knuth multiplicative hash: an even spread over any index range, the same in every run and on every rank
@@ -221,11 +234,12 @@ class DistPro(MultiPhaseDistiller):
             if keep.sum() == 0:
                 keep[:] = True
             x, y = x[keep], y[keep]
-            loss, logits, ce, distill, n = self.train_loss(x, y, self.weights().detach())
+            loss, logits, ce, distill, n = self.train_loss(x, y, self.weights().detach(),
+                                                           t_feats=self._served(step, keep))
             return DistillOutput(loss, logits, {"ce": ce.detach(), "distill": distill.detach(),
                                                 "pathways": torch.tensor(float(n))}, labels=y)
         weights, active = self.retrain_weights()
-        loss, logits, ce, distill, n = self.train_loss(x, y, weights, active)
+        loss, logits, ce, distill, n = self.train_loss(x, y, weights, active, t_feats=self._served(step))
         return DistillOutput(loss, logits, {"ce": ce.detach(), "distill": distill.detach(), "pathways": torch.tensor(float(n))})
 
     # -- the process
@@ -269,7 +283,8 @@ class DistPro(MultiPhaseDistiller):
             return {}
         lr = optimizer.param_groups[0]["lr"]
         with torch.autocast(x.device.type, enabled=False):
-            grad = self.alpha_gradient(x[~val].float(), y[~val], x[val].float(), y[val], lr)
+            grad = self.alpha_gradient(x[~val].float(), y[~val], x[val].float(), y[val], lr,
+                                       t_feats=self._served(step, ~val))
         from ..distributed import average_gradients
 
         average_gradients([grad])
@@ -283,13 +298,14 @@ class DistPro(MultiPhaseDistiller):
         self.process = torch.cat([self.process, self.alpha_logits.detach().unsqueeze(0)])
 
     def alpha_gradient(self, x_train, y_train, x_val, y_val, lr: float, exact: bool = False,
-                       eps_scale: float = 0.01) -> torch.Tensor:
+                       eps_scale: float = 0.01, t_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
         """d L_val(theta - lr grad L_train(theta, alpha)) / d a~ : finite differences (Eq. 5) or, with `exact`, autograd's
         second-order derivative (for checking)."""
         names = [n for n, _ in self.student.named_parameters()]
         params = dict(self.student.named_parameters())
         buffers = {n: b.detach().clone() for n, b in self.student.named_buffers()}
-        t_feats = self.teacher_features(x_train)  # the same for the virtual step and both finite-difference sides
+        if t_feats is None:  # the same maps for the virtual step and both finite-difference sides
+            t_feats = self.teacher_features(x_train)
         logits_a = self.alpha_logits.detach().clone().requires_grad_(True)
         loss, *_ = self.train_loss(x_train, y_train, biased_softmax(logits_a), params={**params, **buffers},
                                    t_feats=t_feats)

@@ -35,6 +35,7 @@ from ..errors import EdgekdError
 from .base import DistillOutput, MethodOptions
 from .features import Adapter, aligned_boundaries, layer_pairs, parse_layers, probe, run_with_taps, spread
 from .multiphase import MultiPhaseDistiller, parameters_by_stage, zero_logits
+from .step import TeacherNeeds
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,25 @@ class StageByStageKD(MultiPhaseDistiller):
                                     warmup_epochs=0.0)
         return [p if p.name == "head" else dataclasses.replace(p, optim=stage) for p in super().phases(epochs, optim)]
 
-    def stage_losses(self, x: torch.Tensor, upto: int, only: int | None = None) -> list[torch.Tensor]:
-        """L2 losses of stages 0..upto (0-based) from one forward of each network cut at boundary `upto`."""
+    def stage_losses(self, step, upto: int, only: int | None = None) -> list[torch.Tensor]:
+        """L2 losses of stages 0..upto (0-based): the student cut at boundary `upto`, the teacher's maps as the
+        trainer served them (cached: every boundary in one row), else from a live forward cut there too."""
         idx = [only] if only is not None else list(range(upto + 1))
-        with torch.no_grad():
-            _, t_feats = run_with_taps(self.teacher, x, [self.pairs[i][1] for i in idx], stop_after=self.pairs[upto][1])
-        _, s_feats = run_with_taps(self.student, x, [self.pairs[i][0] for i in idx], stop_after=self.pairs[upto][0])
+        if step.teacher_logits is not None:
+            t_feats = [step.teacher_features[i] for i in idx]
+        else:
+            with torch.no_grad():
+                _, t_feats = run_with_taps(self.teacher, step.x, [self.pairs[i][1] for i in idx],
+                                           stop_after=self.pairs[upto][1])
+        _, s_feats = run_with_taps(self.student, step.x, [self.pairs[i][0] for i in idx],
+                                   stop_after=self.pairs[upto][0])
         return [stage_loss(self.adapters[i](s, t.shape[-2:]), t) for i, s, t in zip(idx, s_feats, t_feats)]
 
-    # phase_teacher_needs stays None (nothing served): the head phase does not use the teacher, and a stage
-    # phase runs it only up to its own boundary, cheaper live than a full served forward
+    def phase_teacher_needs(self, phase):
+        # served, so cached: one row per (image, variant) holds every boundary's map, the first stage's epochs
+        # fill it and every later stage reads it; the head phase trains on labels alone
+        return None if phase == "head" else TeacherNeeds(tuple(t for _, t in self.pairs))
+
     def forward_phase(self, phase, step):
         x, y = step.x, step.y
         if phase == "head":
@@ -134,7 +144,7 @@ class StageByStageKD(MultiPhaseDistiller):
             loss = F.cross_entropy(logits, y)
             return DistillOutput(loss, logits, {"ce": loss.detach()})
         i = int(phase.removeprefix("stage")) - 1
-        (loss,) = self.stage_losses(x, i, only=i)
+        (loss,) = self.stage_losses(step, i, only=i)
         return DistillOutput(loss, zero_logits(x, self.student.num_classes), {f"l2_stage{i + 1}": loss.detach()})
 
 
@@ -157,7 +167,7 @@ class SSKDMultiLoss(StageByStageKD):
         if phase == "head":
             return super().forward_phase(phase, step)
         x = step.x
-        losses = self.stage_losses(x, self.num_stages - 1)
+        losses = self.stage_losses(step, self.num_stages - 1)
         loss = sum(losses)
         terms = {f"l2_stage{i + 1}": v.detach() for i, v in enumerate(losses)}
         return DistillOutput(loss, zero_logits(x, self.student.num_classes), terms)
