@@ -119,7 +119,7 @@ def main() -> None:
         f"{budgets[0]}-epoch retrain ({search_s / args.search_epochs / (retrain_s / budgets[0]):.1f}x a retrain epoch), "
         "mean over seeds.",
     ])
-    write_section(ROOT / "docs" / "benchmarks.md", "distpro", "DistPro vs equal / final weights vs KD, Fashion-MNIST 32 px", body)
+    write_section(ROOT / "docs" / "benchmarks.md", "distpro", "DistPro vs equal / final weights vs KD, Fashion-MNIST 32 px (short-budget runs)", body)
     print(body)
 
 

@@ -64,7 +64,7 @@ def main() -> None:
             f"exits' probabilities). MetaDistiller: alpha 0.5, tau 1, meta step in every {args.meta_every}th epoch "
             "(from the first), generator Adam 1e-3. deep / self use the same exits without the generator.\n\n"
             + "\n".join(lines))
-    write_section(ROOT / "docs" / "benchmarks.md", "metadistiller", "MetaDistiller vs its baselines, Fashion-MNIST 32 px", body)
+    write_section(ROOT / "docs" / "benchmarks.md", "metadistiller", "MetaDistiller vs its baselines, Fashion-MNIST 32 px (short-budget runs)", body)
     print("\n".join(lines))
 
 

@@ -82,9 +82,9 @@ def main() -> None:
             f"{args.epochs} epochs for every method (multi-phase methods split them per their defaults, "
             f"docs/methods.md), SGD lr 0.05 cosine, batch 128, seeds {args.seeds}, method defaults; test accuracy "
             "of the weights with the best validation accuracy.\n\n")
-    write_section(ROOT / "docs" / "benchmarks.md", "methods", "Every distiller vs scratch and KD, Fashion-MNIST 32 px",
+    write_section(ROOT / "docs" / "benchmarks.md", "methods", "Every distiller vs scratch and KD, Fashion-MNIST 32 px (short-budget runs)",
                   head + "\n".join(table(methods, "ce")))
-    write_section(ROOT / "docs" / "benchmarks.md", "sskd-stages", "SSKD vs multi-loss and number of stages",
+    write_section(ROOT / "docs" / "benchmarks.md", "sskd-stages", "SSKD vs multi-loss and number of stages (short-budget runs)",
                   head + "\n".join(table({**{"ce": methods.get("ce", [])}, **stages} if "ce" in methods else stages,
                                          "ce" if "ce" in methods else next(iter(stages)))))
 

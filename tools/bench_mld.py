@@ -133,7 +133,7 @@ def main() -> None:
         f"re-initialised (`--student-init`), BatchNorm at gamma 1 / beta 0, seeds {args.init_seeds}, test accuracy %:", "",
         "| init | scratch | MLD |", "|---|---|---|", *init_rows,
     ])
-    write_section(ROOT / "docs" / "benchmarks.md", "mld", "Masked Layer Distillation vs KD vs scratch, Fashion-MNIST 32 px", body)
+    write_section(ROOT / "docs" / "benchmarks.md", "mld", "Masked Layer Distillation vs KD vs scratch, Fashion-MNIST 32 px (short-budget runs)", body)
     print(body)
 
 

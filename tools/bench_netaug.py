@@ -85,7 +85,7 @@ def main() -> None:
             f"from a `{args.teacher}` teacher trained once ({args.teacher_epochs} epochs, test accuracy "
             f"{100 * teacher_acc:.2f}%). Training time includes NetAug's augmented forward/backward (first half "
             "only).\n\n" + "\n".join(lines))
-    write_section(ROOT / "docs" / "benchmarks.md", "netaug", "NetAug vs baseline and KD, Fashion-MNIST 32 px", body)
+    write_section(ROOT / "docs" / "benchmarks.md", "netaug", "NetAug vs baseline and KD, Fashion-MNIST 32 px (short-budget runs)", body)
     print("\n".join(lines))
 
 
