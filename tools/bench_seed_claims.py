@@ -34,6 +34,7 @@ class Arm:
     epochs: int
     options: dict = field(default_factory=dict)
     uses_teacher: bool = True
+    settings: dict = field(default_factory=dict)  # run settings of this arm only
 
 
 DISTPRO_SEARCH = 2  # DistPro's search epochs, on top of the retrain budget (the paper searches, then retrains)
@@ -43,6 +44,7 @@ ARMS = {arm.label: arm for arm in [
     Arm("kd-10", "kd", 10),
     Arm("mld", "mld", 20, {"mask_epochs": "1", "local_epochs": "2"}),
     Arm("mld-10", "mld", 10, {"mask_epochs": "1", "local_epochs": "2"}),
+    Arm("mld-fp16", "mld", 20, {"mask_epochs": "1", "local_epochs": "2"}, settings={"teacher_cache_dtype": "float16"}),
     Arm("sskd", "sskd", 20),
     Arm("sskd-multiloss", "sskd_multiloss", 20),
     Arm("metadistiller", "metadistiller", 20, {"mode": "meta"}, uses_teacher=False),
@@ -63,9 +65,10 @@ CLAIMS = [
     ("MetaDistiller beats deep supervision", "metadistiller", "deep-supervision"),
     ("MetaDistiller beats self-distillation", "metadistiller", "self-distillation"),
     ("NetAug helps a tiny model", "netaug", "scratch"),
+    ("(ours, not a paper claim) MLD from a float16 teacher cache vs float32", "mld-fp16", "mld"),
 ]
 # the order runs are trained in: one claim's arms for every seed before the next claim, baselines first
-TABLES = [["scratch", "kd"], ["mld", "mld-10", "kd-10"], ["sskd", "sskd-multiloss"],
+TABLES = [["scratch", "kd"], ["mld", "mld-10", "kd-10"], ["sskd", "sskd-multiloss"], ["mld-fp16"],
           ["metadistiller", "deep-supervision", "self-distillation"], ["netaug"], ["distpro", "distpro-equal"],
           ["scratch-40"]]
 
@@ -95,7 +98,8 @@ def config(arm: Arm, seed: int, args) -> dict:
                 student_options={"low_res_stem": False}, method=arm.method, method_options=arm.options,
                 epochs=arm.epochs, batch_size=128, optim=OptimConfig(lr=0.05, warmup_epochs=0.5), seed=seed,
                 teacher=str(DISTILL_PAYS_TEACHER / "best.pt") if arm.uses_teacher else None,
-                teacher_cache_variants=args.variants, teacher_cache_budget_mb=6144, checkpoint_interval_s=300.0)
+                teacher_cache_variants=args.variants, teacher_cache_budget_mb=6144, checkpoint_interval_s=300.0,
+                **arm.settings)
 
 
 def plan(args) -> list[tuple[Arm, int]]:
@@ -162,7 +166,7 @@ def report(args) -> None:
     for label, arm in ARMS.items():
         runs = results.get(label, [])
         minutes = f"{statistics.mean(s['train_s'] for s in runs) / 60:.1f}" if runs else "-"
-        options = ", ".join(f"{k} {v}" for k, v in arm.options.items()) or "defaults"
+        options = ", ".join(f"{k} {v}" for k, v in {**arm.options, **arm.settings}.items()) or "defaults"
         arm_rows.append(f"| {label} | `{arm.method}` ({options}) | {arm.epochs} | {cell(acc.get(label, []))} | "
                         f"{minutes} |")
 
