@@ -91,16 +91,21 @@ def fsp_distance(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch
     return ((kx * ky).sum(0).mul_(w).sum() / (b * c1 * c2)).float()
 
 
+def _pooled_pairs(feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive layer pairs as (B, C, h w) maps, each pair max-pooled to its smaller spatial size."""
+    pairs = []
+    for f1, f2 in zip(feats, feats[1:]):
+        h = _common_size(f1, f2)
+        pairs.append((_pooled_to(f1.float(), h).flatten(2), _pooled_to(f2.float(), h).flatten(2)))
+    return pairs
+
+
 def fsp_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]) -> torch.Tensor:
     """Mean over consecutive layer pairs of mean((G_s - G_t)^2), G = fsp_matrix of the pair's two maps."""
     with full_precision(student_feats[0]):
-        sizes = [_common_size(f1, f2) for f1, f2 in zip(student_feats, student_feats[1:])]
-        s_pairs = [(_pooled_to(f1.float(), h).flatten(2), _pooled_to(f2.float(), h).flatten(2))
-                   for f1, f2, h in zip(student_feats, student_feats[1:], sizes)]
+        s_pairs = _pooled_pairs(student_feats)
         with torch.no_grad():
-            sizes = [_common_size(f1, f2) for f1, f2 in zip(teacher_feats, teacher_feats[1:])]
-            t_pairs = [(_pooled_to(f1.float(), h).flatten(2), _pooled_to(f2.float(), h).flatten(2))
-                       for f1, f2, h in zip(teacher_feats, teacher_feats[1:], sizes)]
+            t_pairs = _pooled_pairs(teacher_feats)
         losses = [fsp_distance(s1, s2, t1, t2) for (s1, s2), (t1, t2) in zip(s_pairs, t_pairs)]
     return sum(losses) / len(losses)
 
