@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.benchdoc import (DISTILL_PAYS_TEACHER, ensure_run, epoch_records, restore, run_header,  # noqa: E402
-                            write_section)
+from tools.benchdoc import (DISTILL_PAYS_TEACHER, ensure_run, epoch_records, mean_std, restore,  # noqa: E402
+                            run_header, write_section)
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,7 @@ def spread(values: list[float]) -> tuple[float, float]:
 def cell(values: list[float]) -> str:
     if not values:
         return "pending"
-    mean, std = spread(values)
-    return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
+    return f"{mean_std(values)} (n={len(values)})"
 
 
 def plot(curves: dict[str, list[float]], path: Path) -> None:
