@@ -3,8 +3,9 @@
 The tiny student is the smallest sub-network of a weight-shared wider network. Each step runs the base on the
 batch and one augmented configuration sampled at random (every inverted-bottleneck expansion scaled by a factor
 from `expand_factors`, every other channel count by one from `width_factors`, rounded to a multiple of 8);
-loss = L(base) + alpha * L(augmented), one optimizer step. Augmentation stops for the last `stop_fraction` of the
-epochs. At each epoch start the channels of every expansion are re-sorted by importance (L1 norm of the
+loss = L(base) + alpha * L(augmented), one optimizer step. Width augmentation stops for the last `stop_fraction` of
+the epochs, expansion augmentation for the last `expand_stop_fraction` (default 0: never, as the reference). While
+the width is augmented, at each epoch start the channels of every expansion are re-sorted by importance (L1 norm of the
 projection weights that read them) so the base keeps the most important ones; the optimizer's momentum is
 permuted with them. Before evaluation and export the base's BatchNorm statistics are re-estimated on the most
 recent training batches. The exported model is the ordinary zoo student with the leading slices of the shared
@@ -17,9 +18,20 @@ student's own forward runs on leading slices (torch.func.functional_call), depth
 `groups` set to the active channel count. Augmented forwards use throwaway BatchNorm buffers, so the base's
 running statistics only ever see the base. Configurations are drawn from a generator seeded by the run seed and
 a step counter kept in the checkpoint: every DDP rank draws the same one, and a resumed run draws the same ones.
-A resumed run reproduces the uninterrupted one exactly unless it stopped within the last `bn_batches` steps of
-an epoch: the recent batches for BatchNorm re-estimation are not checkpointed (they would make every checkpoint
-`bn_batches` batches of images larger), so that epoch's re-estimation then sees fewer batches.
+A resumed run ends with exactly the uninterrupted run's weights and statistics. The one difference: if it stopped
+within the last `bn_batches` steps of an epoch, that epoch's BatchNorm re-estimation (so its validation accuracy)
+sees fewer batches, because the recent batches are not checkpointed (they would make every checkpoint
+`bn_batches` batches of images larger); the next epoch's re-estimation restores the same statistics.
+
+Schedule and gradient clipping, from the public reference implementation (mit-han-lab/tinyml, netaug/train.py,
+configs/netaug.yaml, utils/lr_scheduler.py): SGD (Nesterov, momentum 0.9), 5 warm-up epochs then a cosine to zero
+over 150 epochs, lr 0.025 per 128 images (0.4 on 16 GPUs x 128), weight decay 4e-5 off BatchNorm and biases, label
+smoothing 0.1; the same recipe as its baseline, so only what is NetAug's own is a default here: the width
+augmentation stops for the last 75 of the 155 epochs (`stop_aug_w_epoch: 75`) while the expansion ratios stay
+augmented to the end (`stop_aug_e_epoch: 0`, `stop_netaug_epoch: 0`), and channels are sorted only while the width
+is augmented. The run's warm-up + cosine-to-zero (edgekd.train.schedules) already has the reference's shape. The
+reference does not clip gradients; we do (`grad_clip`, ours): the base gets the gradients of both losses, and at
+our usual lr 0.05 on batches of 128 the unclipped run diverged (docs/methods.md).
 
 NetAug + KD (`netaug+kd`): both the base and the augmented network are trained on the KD objective (T^2-scaled KL
 to the teacher's softened logits mixed with CE, as `kd`), so the teacher also guides the shared wide weights;
@@ -28,6 +40,7 @@ the teacher's logits can come from the teacher-output cache.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -53,13 +66,24 @@ def _floats(text) -> tuple[float, ...]:
         raise EdgekdError(f"netaug factor list must be numbers separated by commas, got {text!r}") from None
 
 
+# default max gradient norm for netaug (ours, measured on Fashion-MNIST 32 px, batch 128, see docs/methods.md)
+GRAD_CLIP = 10.0
+
+
 @dataclass(frozen=True)
 class NetAugOptions(MethodOptions):
     alpha: float = 1.0  # weight of the augmented network's loss
     expand_factors: str = "1.0,1.6,2.2,2.8"  # multiply inverted-bottleneck expansions (method notes)
     width_factors: str = "1.0,1.8,2.6"  # multiply every other channel count
-    stop_fraction: float = 0.5  # augmentation off for this last fraction of the epochs
-    sort_channels: bool = True
+    # the reference (mit-han-lab/tinyml netaug, configs/netaug.yaml): width augmentation off for the last 75 of 155
+    # epochs (stop_aug_w_epoch), the expansion ratios augmented to the end (stop_aug_e_epoch = stop_netaug_epoch = 0)
+    stop_fraction: float = 0.5  # width augmentation off for this last fraction of the epochs
+    expand_stop_fraction: float = 0.0  # expansion augmentation off for this last fraction (0: never; 0.5: all off)
+    # max global gradient norm of the netaug phase when the run sets none (--grad-clip 0); an explicit --grad-clip
+    # wins; 0 turns it off. Ours: the reference does not clip (it trains at lr 0.025 per 128 images)
+    grad_clip: float = GRAD_CLIP
+    label_smoothing: float = 0.0  # of both CE terms (ours, as `ce`; the reference: 0.1 for baseline and NetAug alike)
+    sort_channels: bool = True  # re-sort expansions by importance each epoch while the width is augmented
     bn_batches: int = 8  # recent training batches used to re-estimate the base's BatchNorm statistics
     divisor: int = 8
     seed: int = 0
@@ -72,8 +96,10 @@ class NetAugOptions(MethodOptions):
             values = _floats(getattr(self, name))
             if not values or min(values) < 1.0 or values[0] != 1.0:
                 raise EdgekdError(f"netaug {name} must start with 1.0 (the base) and be >= 1, got {getattr(self, name)!r}")
-        if self.alpha < 0 or not 0.0 <= self.stop_fraction < 1.0:
-            raise EdgekdError("netaug alpha must be >= 0 and stop_fraction in [0, 1)")
+        if self.alpha < 0 or not 0.0 <= self.stop_fraction < 1.0 or not 0.0 <= self.expand_stop_fraction < 1.0:
+            raise EdgekdError("netaug alpha must be >= 0 and stop_fraction and expand_stop_fraction in [0, 1)")
+        if self.grad_clip < 0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise EdgekdError("netaug grad_clip must be >= 0 (0: off) and label_smoothing in [0, 1)")
         if self.bn_batches < 0 or self.divisor < 1 or self.temperature <= 0 or not 0 <= self.kd_alpha <= 1:
             raise EdgekdError("netaug bn_batches >= 0, divisor >= 1, temperature > 0 and kd_alpha in [0, 1] please")
 
@@ -218,9 +244,10 @@ class NetAug(Distiller):
         self.param_names = list(params)
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # configurations drawn so far
         self.register_buffer("sorted_epoch", torch.full((), -1, dtype=torch.long))
-        self.augmenting = True
+        self.augmenting_width = self.augmenting_expand = True
         self._recent: list[torch.Tensor] = []  # recent training inputs for BatchNorm re-estimation
-        self._exported_at = -1
+        self._batches_seen = 0  # training batches since construction (or resume)
+        self._recalibrated_at = -1  # _batches_seen at the last re-estimation
 
     # -- configurations
     def _sizes(self, width: float, expand: float) -> dict[int, int]:
@@ -240,11 +267,17 @@ class NetAug(Distiller):
     def base_sizes(self) -> dict[int, int]:
         return self._base_sizes
 
+    @property
+    def augmenting(self) -> bool:
+        return self.augmenting_width or self.augmenting_expand
+
     def sample(self) -> tuple[float, float]:
-        """(width factor, expand factor): the same sequence on every rank and after a resume."""
+        """(width factor, expand factor): the same sequence on every rank and after a resume; 1.0 for a dimension
+        whose augmentation has stopped."""
         rng = random.Random(self.options.seed * 1_000_003 + int(self.draws))
         self.draws += 1
-        return rng.choice(self.width_factors), rng.choice(self.expand_factors)
+        width, expand = rng.choice(self.width_factors), rng.choice(self.expand_factors)
+        return width if self.augmenting_width else 1.0, expand if self.augmenting_expand else 1.0
 
     # -- forward of a sub-network
     def _params(self, sizes: dict[int, int]) -> dict[str, torch.Tensor]:
@@ -284,13 +317,14 @@ class NetAug(Distiller):
             return functional_call(self.student, tensors, (x,), strict=False)
 
     def _loss(self, logits, y, teacher_logits):
-        return F.cross_entropy(logits, y), {}
+        return F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing), {}
 
     def forward(self, step):
         x, y = step.x, step.y
         teacher_logits = self.teacher_forward(step)[0] if self.teacher_needs is not None else None
         if self.training and self.options.bn_batches:
             self._recent = (self._recent + [x.detach()])[-self.options.bn_batches:]
+            self._batches_seen += 1
         logits = self.run(x)
         loss, terms = self._loss(logits, y, teacher_logits)
         terms = {"base": loss.detach(), **terms}
@@ -309,9 +343,17 @@ class NetAug(Distiller):
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.shared.values())
 
+    def phases(self, epochs, optim):
+        """One phase; the run's optimiser settings with the method's `grad_clip` where the run clips nothing."""
+        if optim.grad_clip == 0 and self.options.grad_clip > 0:
+            optim = dataclasses.replace(optim, grad_clip=self.options.grad_clip)
+        return super().phases(epochs, optim)
+
     def on_epoch_start(self, epoch: int, epochs: int, optimizer, steps_per_epoch: int = 0) -> None:
-        self.augmenting = epoch < math.ceil(epochs * (1.0 - self.options.stop_fraction))
-        if self.options.sort_channels and epoch > int(self.sorted_epoch) and epoch > 0:
+        self.augmenting_width = epoch < math.ceil(epochs * (1.0 - self.options.stop_fraction))
+        self.augmenting_expand = epoch < math.ceil(epochs * (1.0 - self.options.expand_stop_fraction))
+        # the reference sorts only in its "default" mode (width and expansion augmented)
+        if self.options.sort_channels and self.augmenting_width and epoch > int(self.sorted_epoch) and epoch > 0:
             self.sort_channels(optimizer)
         self.sorted_epoch.fill_(max(int(self.sorted_epoch), epoch))
 
@@ -339,15 +381,17 @@ class NetAug(Distiller):
                             if torch.is_tensor(value) and value.shape == p.shape:
                                 value.copy_(value.index_select(dim, order))
         # the base's BatchNorm statistics belong to channels that may have moved: re-estimate before use
-        self._exported_at = -1
+        self._recalibrated_at = -1
 
     @torch.no_grad()
     def student_for_export(self) -> nn.Module:
         for name, p in self.student.named_parameters():
             p.copy_(self.shared[_key(name)][tuple(slice(0, s) for s in p.shape)])
-        if self._recent and int(self.draws) != self._exported_at:
+        # after every epoch, augmented or not: a resumed run whose previous re-estimation saw fewer batches then
+        # gets the uninterrupted run's statistics back
+        if self._recent and self._batches_seen != self._recalibrated_at:
             _recalibrate_bn(self.student, self._recent)
-            self._exported_at = int(self.draws)
+            self._recalibrated_at = self._batches_seen
         return self.student
 
 
@@ -359,7 +403,7 @@ class NetAugKD(NetAug):
 
     def _loss(self, logits, y, teacher_logits):
         soft = kd_loss(logits, teacher_logits, self.options.temperature)
-        hard = F.cross_entropy(logits, y)
+        hard = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)
         return self.options.kd_alpha * soft + (1.0 - self.options.kd_alpha) * hard, {"kd": soft.detach()}
 
 
