@@ -363,7 +363,7 @@ def _teacher_views(run: _Run, runtime: Runtime, console) -> tuple[TeacherOutputs
         needs = combined_needs(p.distiller.teacher_needs for p in served)
         outputs, variants = _teacher_outputs(config, run.teacher_data or run.data, runtime, teacher, console,
                                              max(p.epochs for p in served), needs.taps, views, run.resolved)
-        live = [p.name for p in run.phases if p.distiller.teacher_needs is None]
+        live = [p.name for p in run.phases if p.distiller.teacher_needs is None and p.distiller.uses_teacher]
         if live and say:
             console.print(f"method {config.method}: phase(s) {', '.join(live)} run the teacher live (no cache)")
         return outputs, variants, views

@@ -104,6 +104,24 @@ def test_every_phase_declares_what_the_trainer_serves_it_from_the_teacher(method
     assert {p.name: p.distiller.teacher_needs for p in distiller.phases(10, OptimConfig())} == expected
 
 
+@pytest.mark.parametrize("method", ["fitnet", "ab", "fsp", "mld", "sskd", "sskd_multiloss"])
+def test_phases_that_say_they_train_without_the_teacher_never_run_it(method, digits32):
+    """`uses_teacher` keeps `edgekd train` from calling a label-only phase (FSP's ce, SSKD's head) live."""
+    student, teacher = _pair()
+    cls = METHODS.get(method)
+    calls = []
+    for layer in teacher.modules():  # feature phases run the teacher layer by layer, up to their deepest tap
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(digits32)
+    ran = {}
+    for phase in cls(student, teacher, cls.Options()).phases(10, OptimConfig()):
+        calls.clear()
+        phase.distiller.train()(Step(batch.x, batch.y))  # nothing served: a phase that needs the teacher runs it
+        ran[phase.name] = (bool(calls), phase.distiller.uses_teacher)
+    free = {"fsp": {"ce"}, "sskd": {"head"}, "sskd_multiloss": {"head"}}.get(method, set())
+    assert ran == {name: (name not in free, name not in free) for name in ran}
+
+
 @pytest.mark.parametrize("method", ["fitnet", "ab", "mld"])
 def test_the_kd_phase_of_a_multiphase_method_gives_the_live_loss_from_cached_logits(method, digits32):
     student, teacher = _pair()

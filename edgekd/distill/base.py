@@ -67,6 +67,11 @@ class Distiller(nn.Module):
         self.teacher = freeze(teacher) if teacher is not None else None
         self.options = options
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training runs the teacher at all (a phase of a multi-phase method may train on labels alone)."""
+        return self.teacher is not None
+
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None:

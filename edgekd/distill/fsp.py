@@ -114,6 +114,7 @@ class FSP(MultiPhaseDistiller):
     name = "fsp"
     description = "FSP matrices (Yim et al.): match Gram matrices between consecutive stages, then train on labels"
     final_phase = "ce"
+    teacher_free_phases = frozenset({"ce"})
     Options = FSPOptions
 
     def __init__(self, student, teacher, options):

@@ -103,6 +103,10 @@ class PhaseView(Distiller):
     def teacher_needs(self) -> TeacherNeeds | None:
         return self._parent.phase_teacher_needs(self.phase)
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.phase not in self._parent.teacher_free_phases
+
     def _apply(self, fn, recurse=True):
         # .to(device) / .half() reach the shared children through this view; the parent's own parameters and
         # buffers (DistPro's alpha logits, say) are not among them and must move too
@@ -146,6 +150,7 @@ class MultiPhaseDistiller(Distiller):
     phase's loss) and declare what each phase wants served from the teacher in `phase_teacher_needs`."""
 
     final_phase: ClassVar[str] = ""
+    teacher_free_phases: ClassVar[frozenset[str]] = frozenset()  # phases that train without the teacher at all
 
     def phase_parts(self) -> list[tuple[str, list[nn.Parameter], bool]]:
         """(name, trainable parameters, evaluate) of each phase, in order."""

@@ -73,6 +73,7 @@ class StageByStageKD(MultiPhaseDistiller):
     name = "sskd"
     description = "stage-by-stage KD (Gao et al.): student stage i learns teacher stage i (L2, no labels), then head CE"
     final_phase = "head"
+    teacher_free_phases = frozenset({"head"})
     Options = SSKDOptions
 
     def __init__(self, student, teacher, options):
