@@ -49,17 +49,15 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.smooth_l1_loss(normalised(student), t)
 
 
-def _angles(e: torch.Tensor) -> torch.Tensor:
-    """cos of the angle at e_j between e_i and e_k for every (j, i, k), flattened: unit(e_i - e_j) . unit(e_k - e_j),
-    0 when e_i or e_k coincides with e_j (the unit of a zero difference is the zero vector, as F.normalize makes it).
+def _angle_parts(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, h, inv), B x B float64, from which every angle of the batch follows: `_angles`.
 
-    From the Gram matrix G of the embeddings alone: (e_i - e_j) . (e_k - e_j) = G_ik - G_ij - G_jk + G_jj and
-    ||e_i - e_j||^2 = G_ii + G_jj - 2 G_ij, O(B^2 D + B^3) instead of the O(B^3 D) of normalising B^2 differences
-    and multiplying them. Those sums cancel (differences of near-equal terms), so they run in float64, on
-    embeddings centred on the batch mean (differences do not change); the cosines come back as float32. A pair
-    counts as coinciding when its squared distance is within 1e-12 of the squared norms (below float32's
-    resolution of the embeddings themselves): every j == i, and exact duplicates, whose float64 distance can
-    round to a tiny non-zero."""
+    (e_i - e_j) . (e_k - e_j) = G_ik - h_ji - h_jk with h_ji = G_ji - G_jj / 2, and inv[j, i] = 1 / ||e_i - e_j||,
+    0 where e_i coincides with e_j (the unit of a zero difference is the zero vector, as F.normalize makes it). The
+    Gram sums cancel (differences of near-equal terms), so they run in float64 on embeddings centred on the batch
+    mean (differences do not change). A pair counts as coinciding when its squared distance is within 1e-12 of the
+    squared norms (below float32's resolution of the embeddings themselves): every j == i, and exact duplicates,
+    whose float64 distance can round to a tiny non-zero."""
     x = e.double().flatten(1)
     x = x - x.mean(0)
     g = x @ x.t()
@@ -67,17 +65,48 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     scale = sq_norm.unsqueeze(1) + sq_norm.unsqueeze(0)
     sq = scale - 2 * g  # sq[j, i] = ||e_i - e_j||^2
     apart = sq > 1e-12 * scale  # False on the diagonal (sq == 0 there exactly)
-    inv = torch.where(apart, torch.where(apart, sq, 1.0).rsqrt(), 0.0)  # 1 / ||e_i - e_j||, 0 where they coincide
-    # dots[j, i, k] = (e_i - e_j) . (e_k - e_j) = G_ik - h_ji - h_jk with h_ji = G_ji - G_jj / 2
-    h = g - sq_norm.unsqueeze(1) / 2
+    inv = torch.where(apart, torch.where(apart, sq, 1.0).rsqrt(), 0.0)
+    return g, g - sq_norm.unsqueeze(1) / 2, inv
+
+
+def _angles_from(g: torch.Tensor, h: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(angles, dots), B x B x B float32: angles[j, i, k] = dots[j, i, k] inv[j, i] inv[j, k]. Float32 from here
+    on: these B^3 tensors are the loss's whole cost (float64 took twice as long); G and h carry the precision."""
+    g, h, inv = g.float(), h.float(), inv.float()
     dots = g.unsqueeze(0) - h.unsqueeze(2) - h.unsqueeze(1)
-    return (dots * inv.unsqueeze(2) * inv.unsqueeze(1)).float().flatten()
+    return dots * inv.unsqueeze(2) * inv.unsqueeze(1), dots
+
+
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at e_j between e_i and e_k for every (j, i, k), flattened: unit(e_i - e_j) . unit(e_k - e_j),
+    0 when e_i or e_k coincides with e_j. From the Gram matrix alone (`_angle_parts`): O(B^2 D + B^3) instead of
+    the O(B^3 D) of normalising B^2 differences and multiplying them."""
+    return _angles_from(*_angle_parts(e))[0].flatten()
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Huber (smooth L1, beta 1) between the student's and the teacher's angles (mean over the B^3 triples).
+
+    Its gradient is worked out by hand down to the B x B parts (G, h, inv) and handed to autograd through a
+    surrogate whose gradient it is: autograd through the B^3 tensors cost as much as the student's own step. The
+    angles are symmetric in (i, k), so the gradients of h and inv are twice their sums over one index."""
     with torch.no_grad():
-        t = _angles(teacher)
-    return F.smooth_l1_loss(_angles(student), t)
+        target, _ = _angles_from(*_angle_parts(teacher))
+    g, h, inv = _angle_parts(student)
+    with torch.no_grad():
+        angles, dots = _angles_from(g, h, inv)
+        diff = angles.sub_(target)
+        count = diff.numel()
+        size = diff.abs()
+        loss = torch.where(size < 1, 0.5 * diff * diff, size - 0.5).sum() / count
+        slope = diff.clamp_(-1, 1).div_(count)  # d loss / d angle
+        u = inv.float()
+        slope_dots = slope * u.unsqueeze(2) * u.unsqueeze(1)  # d loss / d dots
+        grad_g = slope_dots.sum(0)
+        grad_h = -2 * slope_dots.sum(2)
+        grad_inv = 2 * torch.bmm(slope.mul_(dots), u.unsqueeze(2)).squeeze(2)
+    surrogate = (grad_g.double() * g).sum() + (grad_h.double() * h).sum() + (grad_inv.double() * inv).sum()
+    return loss + (surrogate - surrogate.detach()).float()
 
 
 def embedding(model, x):
