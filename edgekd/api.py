@@ -637,8 +637,10 @@ def _prepare_teacher(config: TrainConfig, resolved: Resolved, data: DataModule, 
         info = {"name": payload["model_config"]["name"], "source": source,
                 "test_acc": payload.get("metrics", {}).get("test_acc"), "checkpoint_sha256": file_sha256(path),
                 "data": {k: recorded[k] for k in ("mean", "std", "resolution") if k in recorded}}
-        if info["test_acc"] is None and Path(source).is_dir() and (Path(source) / "summary.json").exists():
-            info["test_acc"] = json.loads((Path(source) / "summary.json").read_text()).get("test_acc")
+        # a run's best.pt (given as the run or as the file) is the model its summary measured; last.pt is not
+        summary = path.parent / "summary.json"
+        if info["test_acc"] is None and path.name == "best.pt" and summary.exists():
+            info["test_acc"] = json.loads(summary.read_text()).get("test_acc")
         _warn_normalisation(recorded, data, console)
         if console is not None and recorded.get("resolution") not in (None, data.resolution):
             console.print(f"[yellow]note: the teacher was trained at {recorded['resolution']} px and is queried at "

@@ -55,6 +55,10 @@ def test_kd_trains_a_teacher_then_distills(tmp_path):
     # a trained teacher is reused from its checkpoint by a second run
     reuse = api.train(config(tmp_path, "kd2", method="kd", teacher=str(Path(summary["run_dir"]) / "teacher"), epochs=1))
     assert reuse["teacher"]["name"] == "resnet18"
+    # its test accuracy is reported whether the run or its best.pt is given
+    best = str(Path(summary["run_dir"]) / "teacher" / "best.pt")
+    by_file = api.train(config(tmp_path, "kd3", method="kd", teacher=best, epochs=1))
+    assert reuse["teacher"]["test_acc"] == by_file["teacher"]["test_acc"] == summary["teacher"]["test_acc"]
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, digits32):
