@@ -35,7 +35,6 @@ class Arm:
     options: dict = field(default_factory=dict)
     uses_teacher: bool = True
     settings: dict = field(default_factory=dict)  # run settings of this arm only
-    seeds: tuple[int, ...] | None = None  # only these of --seeds (None: all)
 
 
 DISTPRO_SEARCH = 2  # DistPro's search epochs, on top of the retrain budget (the paper searches, then retrains)
@@ -109,7 +108,7 @@ def config(arm: Arm, seed: int, args) -> dict:
 def plan(args) -> list[tuple[Arm, int]]:
     chosen = set(args.arms or ARMS)
     return [(ARMS[label], seed) for table in TABLES for seed in args.seeds for label in table
-            if label in chosen and (ARMS[label].seeds is None or seed in ARMS[label].seeds)]
+            if label in chosen]
 
 
 def finished(run_dir: Path) -> dict | None:
