@@ -85,6 +85,32 @@ def test_clipped_pathways_are_not_computed():
     assert out.terms["pathways"] == len(d.pathways) - 10 and weights.shape == (len(d.pathways),)
 
 
+def test_transforms_run_at_the_smaller_map():
+    """transform_at=smaller resizes first only where the teacher's map is smaller; for a 1x1 conv and BatchNorm
+    with fixed statistics (eval) the order does not change the loss, since both are linear per position/channel."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    seen = {}
+    losses = {}
+    for at in ("smaller", "student"):
+        d = distpro(transforms="conv1x1", transform_at=at)
+        d.load_state_dict(distpro(transforms="conv1x1", transform_at="smaller").state_dict())
+        d.eval()
+        for p, module in enumerate(d.transforms):
+            module.register_forward_pre_hook(lambda _, args, p=p, at=at: seen.__setitem__((at, p), args[0].shape[-2:]))
+        _, s_feats, t_feats = d._features(x)
+        losses[at] = d.pathway_losses(s_feats, t_feats)
+        sizes = [(tuple(t_feats[i].shape[-2:]), tuple(s_feats[j].shape[-2:])) for i, j, _ in d.pathways]
+    shrinking = [p for p, (t, s) in enumerate(sizes) if t[0] * t[1] < s[0] * s[1]]
+    assert shrinking and len(shrinking) < len(sizes)  # both kinds of pathway occur
+    for p, (t_size, s_size) in enumerate(sizes):
+        assert tuple(seen["student", p]) == s_size
+        assert tuple(seen["smaller", p]) == (t_size if p in shrinking else s_size)
+        assert torch.allclose(losses["smaller"][p], losses["student"][p], rtol=1e-4, atol=1e-6)
+    with pytest.raises(EdgekdError, match="transform_at must be one of smaller, student"):
+        distpro(transform_at="teacher")
+
+
 def test_bad_process_file_and_options(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"pathways": [{}] * 3, "alpha_logits": [[1, 1, 1]]}))
     with pytest.raises(EdgekdError, match="has 3 pathways but this teacher/student pair has 27"):

@@ -51,8 +51,9 @@ ARMS = {arm.label: arm for arm in [
     Arm("deep-supervision", "metadistiller", 20, {"mode": "deep"}, uses_teacher=False),
     Arm("self-distillation", "metadistiller", 20, {"mode": "self"}, uses_teacher=False),
     Arm("netaug", "netaug", 20, uses_teacher=False),
-    Arm("distpro", "distpro", 20 + DISTPRO_SEARCH, {"search_epochs": str(DISTPRO_SEARCH), "retrain_epochs": "20"}),
-    Arm("distpro-equal", "distpro", 20, {"schedule": "equal", "retrain_epochs": "20"}),
+    Arm("distpro", "distpro", 20 + DISTPRO_SEARCH, {"search_epochs": str(DISTPRO_SEARCH), "retrain_epochs": "20",
+                                                   "transform_at": "smaller"}),
+    Arm("distpro-equal", "distpro", 20, {"schedule": "equal", "retrain_epochs": "20", "transform_at": "smaller"}),
     Arm("scratch-40", "ce", 40, uses_teacher=False),  # the plateau check, and KD's gain at twice the budget
     Arm("kd-40", "kd", 40),
 ]}

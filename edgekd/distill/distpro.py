@@ -3,8 +3,13 @@
 Pathways: every chosen teacher feature map (the stage boundaries, `stages=3` of them by default) to every chosen
 student feature map, each through N candidate transform blocks (`transforms`: `conv1x1` = 1x1 conv + BN;
 `conv3x3` = 3x3 conv + BN + ReLU + 1x1 conv + BN; `attention` = the paper's self-attention block - a conv makes a
-1-channel sigmoid map that multiplies the features - then 1x1 conv + BN), bilinear resize to the teacher's map,
-and a distance (`distance`: `l2` mean squared error, `l1`, or `hcl`, ReviewKD's hierarchical context loss that the
+1-channel sigmoid map that multiplies the features - then 1x1 conv + BN) and a bilinear resize to the teacher's map
+(the paper's "convolution layers and an interpolation layer", order unstated: `transform_at=smaller`, the default,
+runs the transform at the smaller of the two maps - the resize first when the teacher's map is smaller - so a
+pathway from a 16 x 16 student map into a 2 x 2, 1,280-channel teacher map costs 64x less; `transform_at=student`
+transforms at the student's size, then resizes. For a 1x1 conv the two orders agree exactly but for BatchNorm's
+batch statistics), and a distance
+(`distance`: `l2` mean squared error, `l1`, or `hcl`, ReviewKD's hierarchical context loss that the
 paper follows: MSE at full size and after adaptive average pooling to 4, 2 and 1, weights 1, 1/2, 1/4, 1/8
 normalised). 3 x 3 x 3 = 27 pathways with the defaults, like the paper.
 
@@ -45,6 +50,7 @@ from .step import TeacherNeeds
 TRANSFORMS = ("conv1x1", "conv3x3", "attention")
 DISTANCES = ("l2", "l1", "hcl")
 SCHEDULES = ("process", "equal", "final")
+TRANSFORM_AT = ("smaller", "student")
 G_BIAS = 1.0
 
 
@@ -62,6 +68,7 @@ class DistProOptions(MethodOptions):
     retrain_epochs: int = -1
     schedule: str = "process"
     process: str = ""  # a saved process.json to replay (no search)
+    transform_at: str = "smaller"
 
     def __post_init__(self):
         names = [t.strip() for t in self.transforms.split(",") if t.strip()]
@@ -70,6 +77,9 @@ class DistProOptions(MethodOptions):
         if self.distance not in DISTANCES or self.schedule not in SCHEDULES:
             raise EdgekdError(f"distpro distance must be one of {', '.join(DISTANCES)} and schedule one of "
                               f"{', '.join(SCHEDULES)}")
+        if self.transform_at not in TRANSFORM_AT:
+            raise EdgekdError(f"distpro transform_at must be one of {', '.join(TRANSFORM_AT)}, "
+                              f"got '{self.transform_at}'")
         if not 0 < self.val_fraction < 1 or self.alpha_lr <= 0 or self.stages < 1:
             raise EdgekdError("distpro needs 0 < val_fraction < 1, alpha_lr > 0 and stages >= 1")
 
@@ -176,10 +186,18 @@ class DistPro(MultiPhaseDistiller):
 
     def pathway_losses(self, s_feats, t_feats, active: list[int] | None = None) -> dict[int, torch.Tensor]:
         transforms = self.transforms
+        shrunk = {}  # (student map, size) -> resized once for the pathways that share it
         out = {}
         for p in active if active is not None else range(len(self.pathways)):
             i, j, _ = self.pathways[p]
-            mapped = resize(transforms[p](s_feats[j]), t_feats[i].shape[-2:])
+            size = tuple(t_feats[i].shape[-2:])
+            student_size = s_feats[j].shape[-2:]
+            if self.options.transform_at == "smaller" and size[0] * size[1] < student_size[0] * student_size[1]:
+                if (j, size) not in shrunk:
+                    shrunk[j, size] = resize(s_feats[j], size)
+                mapped = transforms[p](shrunk[j, size])
+            else:
+                mapped = resize(transforms[p](s_feats[j]), size)
             target = t_feats[i].float()
             mapped = mapped.float()
             if self.options.distance == "l2":
