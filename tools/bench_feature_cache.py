@@ -32,7 +32,8 @@ DOC = Path(os.environ.get("EDGEKD_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
 # the fill epoch's dropped last batch left out, so every served phase gets 3 epochs: its third reads only.
 METHODS = {"ce": (4, {}), "at": (4, {}), "nst": (4, {}), "rkd": (4, {}),
            "fitnet": (5, {"hint_epochs": 3}), "ab": (5, {"init_epochs": 3}), "fsp": (5, {"init_epochs": 3}),
-           "mld": (5, {"mask_epochs": 1, "local_epochs": 3, "kd_epochs": 1})}
+           "mld": (5, {"mask_epochs": 1, "local_epochs": 3, "kd_epochs": 1}),
+           "distpro": (5, {"search_epochs": 2, "retrain_epochs": 3})}  # search fills, the retrain reads
 SPEED_GOAL = 0.7
 
 
