@@ -97,7 +97,7 @@ def test_transforms_run_at_the_smaller_map():
         d.load_state_dict(distpro(transforms="conv1x1", transform_at="smaller").state_dict())
         d.eval()
         for p, module in enumerate(d.transforms):
-            module.register_forward_pre_hook(lambda _, args, p=p, at=at: seen.__setitem__((at, p), args[0].shape[-2:]))
+            module.register_forward_pre_hook(lambda _, args, key=(at, p): seen.__setitem__(key, args[0].shape[-2:]))
         _, s_feats, t_feats = d._features(x)
         losses[at] = d.pathway_losses(s_feats, t_feats)
         sizes = [(tuple(t_feats[i].shape[-2:]), tuple(s_feats[j].shape[-2:])) for i, j, _ in d.pathways]
