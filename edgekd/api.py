@@ -567,8 +567,8 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
     # the teacher's fixed batch (TeacherOutputs): small, so a training batch with a few misses (the images an
     # epoch's dropped last batch left out) pays for 16 teacher images, not a whole batch
     chunk = min(TEACHER_BATCH, max(1, config.batch_size // runtime.dist.world_size))
-    if config.teacher_cache == "off":
-        return TeacherOutputs(runner, None, chunk=chunk), variants
+    if config.teacher_cache == "off":  # no bank to serve: a fresh view every epoch, as a run without teacher gets
+        return TeacherOutputs(runner, None, chunk=chunk), 0
     views = views or TrainViews()
     train_images = data.train if not views.with_unlabeled else ConcatImageSet([data.train, data.unlabeled])
     key = {
@@ -603,7 +603,7 @@ def _teacher_outputs(config: TrainConfig, data: DataModule, runtime: Runtime, te
     else:
         if console is not None and runtime.dist.is_main:
             console.print(f"teacher cache off, the teacher runs every step: {reason}")
-        return TeacherOutputs(runner, None, chunk=chunk), variants
+        return TeacherOutputs(runner, None, chunk=chunk), 0
     if console is not None and runtime.dist.is_main:
         where = f"on disk at {cache.directory}" if cache.directory else "in memory"
         console.print(f"teacher {what} cached {where} ({cache.nbytes / 2**20:.1f} MiB {cache.dtype}, "

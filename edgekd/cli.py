@@ -101,7 +101,7 @@ def main():
 @click.option("--teacher-cache-dtype", type=click.Choice(["float32", "float16"]),
               help="Storage of cached teacher outputs (float16: half the bytes; served as float32).")
 @click.option("--teacher-cache-variants", type=int, metavar="K",
-              help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch.")
+              help="Keep K augmentations per image (FKD-style); the teacher then runs only in the first K epochs. 0: one per epoch. Ignored when no cache is kept (fresh views every epoch).")
 @click.option("--teacher-cache-dir", help="Where disk caches live (none given: ~/.cache/edgekd/teacher-outputs, or under $EDGEKD_CACHE_DIR).")
 @click.option("--teacher-autocast", type=click.Choice(["off", "bf16", "fp16"]), help="Teacher inference precision.")
 @click.option("--method", help="Distillation method (see `edgekd methods`).")

@@ -63,7 +63,7 @@ class TrainConfig:
     teacher_cache: str = setting("auto", choices=("auto", "memory", "disk", "off"))
     teacher_cache_dtype: str = setting("float32", choices=("float32", "float16"))  # float16: half the bytes
     teacher_cache_dir: str | None = None  # disk caches; default ~/.cache/edgekd/teacher-outputs
-    # augmentations kept per image; 0: one per epoch of the phases served (as without a cache)
+    # augmentations kept per image; 0: one per epoch of the phases served (as without a cache); no cache, no bank
     teacher_cache_variants: int = setting(0, at_least=0)
     teacher_cache_budget_mb: int = setting(2048, at_least=1)
     teacher_fold_bn: bool = True

@@ -215,6 +215,20 @@ def _cached_run_equals_live_run(tmp_path, digits32, cached_as="memory", **config
     return [json.loads(line) for line in (Path(cached["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_without_a_cache_the_views_are_fresh_whatever_the_bank_size(tmp_path, digits32):
+    # a bank only serves a cache: with the teacher live, K views per image would narrow the augmentation for nothing
+    teacher_file = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
+    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
+                  method="kd", epochs=2, limit=256, batch_size=64, augment=True, teacher_cache="off",
+                  optim=OptimConfig(lr=0.05), checkpoint_interval_s=1e9)
+    students = [read_checkpoint(Path(api.train(TrainConfig(run_dir=str(tmp_path / f"k{k}"), teacher_cache_variants=k,
+                                                           **common))["run_dir"]) / "last.pt")["student"]
+                for k in (1, 2)]
+    assert all(torch.equal(students[0][name], students[1][name]) for name in students[0])
+
+
 def test_training_with_the_cache_equals_training_without_it(tmp_path, digits32):
     epochs = _cached_run_equals_live_run(tmp_path, digits32, method="kd", epochs=2, limit=512, teacher_fold_bn=False)
     assert epochs[0]["teacher_cache"]["hit_rate"] == 0.0 and epochs[1]["teacher_cache"]["hit_rate"] == 1.0
