@@ -77,6 +77,7 @@ CLAIMS = [
      "scratch-40"),
     ("(ours) scratch gains from 80 epochs over 40 (40 is not its plateau)", "scratch-80", "scratch-40"),
 ]
+SCHEDULE_ARMS = ["scratch", "kd", "scratch-40", "kd-40", "kd-40-fresh", "scratch-80"]  # the plateau check's plot
 # the order runs are trained in: one claim's arms for every seed before the next claim, baselines first
 TABLES = [["scratch", "kd"], ["mld", "mld-10", "kd-10"], ["sskd", "sskd-multiloss"], ["mld-fp16"],
           ["metadistiller", "deep-supervision", "self-distillation"], ["distpro", "distpro-equal"], ["netaug"],
@@ -143,9 +144,12 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, curve in curves.items():
+    tab20 = plt.get_cmap("tab20").colors  # more arms than the default cycle's 10 colours: dark ones, then light
+    colours = tab20[0::2] + tab20[1::2]
+    for number, (label, curve) in enumerate(curves.items()):
         xs = [i + 1 for i, v in enumerate(curve) if v is not None]
-        ax.plot(xs, [100 * v for v in curve if v is not None], marker=".", label=label)
+        ax.plot(xs, [100 * v for v in curve if v is not None], marker=".", label=label,
+                color=colours[number % len(colours)], linestyle=("-", "--")[number // len(colours) % 2])
     ax.set_xlabel("epoch (every phase counted)")
     ax.set_ylabel("validation accuracy % (mean of seeds)")
     ax.set_ylim(bottom=60)
@@ -202,6 +206,8 @@ def report(args) -> None:
         mean_curves[label] = [None if any(c[i] is None for c in runs) else statistics.mean(c[i] for c in runs)
                               for i in range(length)]
     plot(mean_curves, ROOT / "docs" / "img" / "seed-claims-curves.png")
+    plot({label: curve for label, curve in mean_curves.items() if label in SCHEDULE_ARMS},
+         ROOT / "docs" / "img" / "seed-claims-schedules.png")
     curve_rows = [f"| {label} | " + " / ".join("-" if v is None else f"{100 * v:.1f}" for v in curve) + " |"
                   for label, curve in mean_curves.items()]
     teacher_acc = f"{100 * teacher['test_acc']:.2f}%"
@@ -224,7 +230,9 @@ def report(args) -> None:
         "| claim | paper's arm | compared with | difference (pt) | reading |", "|---|---|---|---|---|", *claim_rows, "",
         "Validation accuracy per epoch (mean of the finished seeds; `-`: phases that train no classifier):", "",
         "| arm | val acc % per epoch |", "|---|---|", *curve_rows, "",
-        "![validation accuracy per epoch](img/seed-claims-curves.png)",
+        "![validation accuracy per epoch](img/seed-claims-curves.png)", "",
+        "Scratch and KD at 20, 40 and 80 epochs (the plateau check):", "",
+        "![validation accuracy per epoch, scratch and KD by schedule length](img/seed-claims-schedules.png)",
     ])
     write_section(ROOT / "docs" / "benchmarks.md", "seed-claims",
                   "Seed claims with the strong teacher, 20-epoch budget (Fashion-MNIST 64 px)", body)
