@@ -197,9 +197,9 @@ def report(args) -> None:
         if not a or not b:
             claim_rows.append(f"| {claim} | {cell(a)} | {cell(b)} | - | pending |")
             continue
-        if len(a) < 2 or len(b) < 2:
+        if len(a) < len(args.seeds) or len(b) < len(args.seeds):  # a spread of fewer seeds is no verdict
             difference = 100 * (statistics.mean(a) - statistics.mean(b))
-            claim_rows.append(f"| {claim} | {cell(a)} | {cell(b)} | {difference:+.2f} | one seed: not judged |")
+            claim_rows.append(f"| {claim} | {cell(a)} | {cell(b)} | {difference:+.2f} | seeds pending: not judged |")
             continue
         (ma, sa), (mb, sb) = spread(a), spread(b)
         gap = (ma - sa) - (mb + sb) if ma >= mb else (mb - sb) - (ma + sa)
