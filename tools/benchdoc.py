@@ -79,10 +79,11 @@ def restore(run_dir: Path) -> bool:
     return True
 
 
-def ensure_run(run_dir: Path, **config) -> dict:
+def ensure_run(run_dir: Path, *, wait: bool = True, **config) -> dict | None:
     """A benchmark run: reused when finished, resumed when interrupted, else trained. Returns its summary, or
     {"failed": message} for a run that stopped with an edgekd error (a diverged bad initialisation, say); the
-    failure is kept in failed.txt so a rerun reports it again instead of retraining."""
+    failure is kept in failed.txt so a rerun reports it again instead of retraining. With wait=False a run that
+    another process is training is skipped (None), so processes started side by side share one plan."""
     import json
     import shutil
 
@@ -93,7 +94,10 @@ def ensure_run(run_dir: Path, **config) -> dict:
     summary, failed = run_dir / "summary.json", run_dir / "failed.txt"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f".{run_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a benchmark process beside this one may be training this run: wait
+        try:  # a benchmark process beside this one may be training this run
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
         if failed.exists():
             return {"failed": failed.read_text().strip()}
         if not summary.exists() and not restore(run_dir):
