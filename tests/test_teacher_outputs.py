@@ -199,13 +199,19 @@ def test_cache_over_budget_is_an_error_naming_the_fix():
         TeacherCache({}, 1_000_000, 100, 1000, memory_budget_bytes=1 << 20)
 
 
-def _cached_run_equals_live_run(tmp_path, digits32, cached_as="memory", **config) -> list[dict]:
-    """Trains without and with the cache (deterministic inputs), asserts both end with exactly the same student
-    (the cache returns exactly what the runner computed) and returns the cached run's epoch records."""
+def _random_teacher(tmp_path, digits32) -> str:
+    """A fixed (seeded) untrained teacher checkpoint for digits: the cache tests need its outputs, not its skill."""
     teacher_file = tmp_path / "teacher.pt"
     torch.manual_seed(1)
     save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
-    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
+    return str(teacher_file)
+
+
+def _cached_run_equals_live_run(tmp_path, digits32, cached_as="memory", **config) -> list[dict]:
+    """Trains without and with the cache (deterministic inputs), asserts both end with exactly the same student
+    (the cache returns exactly what the runner computed) and returns the cached run's epoch records."""
+    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050",
+                  teacher=_random_teacher(tmp_path, digits32),
                   batch_size=64, augment=False, optim=OptimConfig(lr=0.05), checkpoint_interval_s=1e9, **config)
     live = api.train(TrainConfig(run_dir=str(tmp_path / "live"), teacher_cache="off", **common))
     cached = api.train(TrainConfig(run_dir=str(tmp_path / "cached"), teacher_cache=cached_as, **common))
@@ -217,10 +223,8 @@ def _cached_run_equals_live_run(tmp_path, digits32, cached_as="memory", **config
 
 def test_without_a_cache_the_views_are_fresh_whatever_the_bank_size(tmp_path, digits32):
     # a bank only serves a cache: with the teacher live, K views per image would narrow the augmentation for nothing
-    teacher_file = tmp_path / "teacher.pt"
-    torch.manual_seed(1)
-    save_atomic(model_payload(create_model("mobilenetv3_small_050", 10), digits32.describe()), teacher_file)
-    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050", teacher=str(teacher_file),
+    common = dict(data="digits", resolution=32, student="mobilenetv3_small_050",
+                  teacher=_random_teacher(tmp_path, digits32),
                   method="kd", epochs=2, limit=256, batch_size=64, augment=True, teacher_cache="off",
                   optim=OptimConfig(lr=0.05), checkpoint_interval_s=1e9)
     students = [read_checkpoint(Path(api.train(TrainConfig(run_dir=str(tmp_path / f"k{k}"), teacher_cache_variants=k,
