@@ -40,45 +40,52 @@ class Arm:
 
 
 DISTPRO_SEARCH = 2  # DistPro's search epochs, on top of the retrain budget (the paper searches, then retrains)
+MLD = {"mask_epochs": "1", "local_epochs": "2"}  # 3 epochs of the budget before its KD phase
+FRESH_BANK = {"teacher_cache_variants": 0}  # the library's default bank: one view per image and epoch, as scratch
+NO_CACHE = {"teacher_cache": "off"}  # fresh views too, for a method whose rows a 40-80-view bank would never reuse
+
+
+def distpro_arms(retrain: int, suffix: str = "") -> list[Arm]:
+    """The searched process and its equal-weights baseline over the same retrain budget."""
+    common = {"retrain_epochs": str(retrain), "transform_at": "smaller"}
+    searched = {"search_epochs": str(DISTPRO_SEARCH), **common}
+    return [Arm(f"distpro{suffix}", "distpro", retrain + DISTPRO_SEARCH, searched),
+            Arm(f"distpro-equal{suffix}", "distpro", retrain, {"schedule": "equal", **common})]
+
+
+def teacher_free_arms(epochs: int, suffix: str = "") -> list[Arm]:
+    """MetaDistiller, its two baselines and NetAug: no teacher, as in their papers."""
+    modes = {"metadistiller": "meta", "deep-supervision": "deep", "self-distillation": "self"}
+    return [*(Arm(f"{label}{suffix}", "metadistiller", epochs, {"mode": mode}, uses_teacher=False)
+              for label, mode in modes.items()),
+            Arm(f"netaug{suffix}", "netaug", epochs, uses_teacher=False)]
+
+
 ARMS = {arm.label: arm for arm in [
     Arm("scratch", "ce", 20, uses_teacher=False),
     Arm("kd", "kd", 20),
     Arm("kd-10", "kd", 10),
-    Arm("mld", "mld", 20, {"mask_epochs": "1", "local_epochs": "2"}),
-    Arm("mld-10", "mld", 10, {"mask_epochs": "1", "local_epochs": "2"}),
-    Arm("mld-fp16", "mld", 20, {"mask_epochs": "1", "local_epochs": "2"}, settings={"teacher_cache_dtype": "float16"}),
+    Arm("mld", "mld", 20, MLD),
+    Arm("mld-10", "mld", 10, MLD),
+    Arm("mld-fp16", "mld", 20, MLD, settings={"teacher_cache_dtype": "float16"}),
     Arm("sskd", "sskd", 20),
     Arm("sskd-multiloss", "sskd_multiloss", 20),
-    Arm("metadistiller", "metadistiller", 20, {"mode": "meta"}, uses_teacher=False),
-    Arm("deep-supervision", "metadistiller", 20, {"mode": "deep"}, uses_teacher=False),
-    Arm("self-distillation", "metadistiller", 20, {"mode": "self"}, uses_teacher=False),
-    Arm("netaug", "netaug", 20, uses_teacher=False),
-    Arm("distpro", "distpro", 20 + DISTPRO_SEARCH, {"search_epochs": str(DISTPRO_SEARCH), "retrain_epochs": "20",
-                                                   "transform_at": "smaller"}),
-    Arm("distpro-equal", "distpro", 20, {"schedule": "equal", "retrain_epochs": "20", "transform_at": "smaller"}),
+    *teacher_free_arms(20),
+    *distpro_arms(20),
     Arm("scratch-40", "ce", 40, uses_teacher=False),  # the plateau check, and KD's gain at twice the budget
     Arm("kd-40", "kd", 40),
-    # the library's default bank, one view per image and epoch: KD sees as many distinct views as scratch does
-    Arm("kd-40-fresh", "kd", 40, settings={"teacher_cache_variants": 0}),
+    Arm("kd-40-fresh", "kd", 40, settings=FRESH_BANK),  # as many distinct views as scratch
     Arm("scratch-80", "ce", 80, uses_teacher=False),  # is 40 epochs scratch's plateau?
-    Arm("kd-80-fresh", "kd", 80, settings={"teacher_cache_variants": 0}),
-    Arm("dkd-80-fresh", "dkd", 80, settings={"teacher_cache_variants": 0}),  # edgekd's default method, at the plateau
+    Arm("kd-80-fresh", "kd", 80, settings=FRESH_BANK),
+    Arm("dkd-80-fresh", "dkd", 80, settings=FRESH_BANK),  # edgekd's default method, at the plateau
     Arm("scratch-160", "ce", 160, uses_teacher=False),  # scratch still gained 0.62 from 40 to 80 epochs
     # the claims again at 80 epochs, scratch's plateau (160 epochs gained nothing)
-    # fresh views as kd-80-fresh gets them: the cache off (a bank of 40-80 views per image would never be read twice)
-    Arm("mld-40-fresh", "mld", 40, {"mask_epochs": "1", "local_epochs": "2"},  # half of kd-80-fresh's epochs
-        settings={"teacher_cache": "off"}),
-    Arm("mld-80-fresh", "mld", 80, {"mask_epochs": "1", "local_epochs": "2"}, settings={"teacher_cache": "off"}),
+    Arm("mld-40-fresh", "mld", 40, MLD, settings=NO_CACHE),  # half of kd-80-fresh's epochs
+    Arm("mld-80-fresh", "mld", 80, MLD, settings=NO_CACHE),
     Arm("sskd-80", "sskd", 80),
     Arm("sskd-multiloss-80", "sskd_multiloss", 80),
-    Arm("metadistiller-80", "metadistiller", 80, {"mode": "meta"}, uses_teacher=False),
-    Arm("deep-supervision-80", "metadistiller", 80, {"mode": "deep"}, uses_teacher=False),
-    Arm("self-distillation-80", "metadistiller", 80, {"mode": "self"}, uses_teacher=False),
-    Arm("netaug-80", "netaug", 80, uses_teacher=False),
-    # DistPro's paper finds its largest gain at short schedules (+3.22 points at 10 epochs)
-    Arm("distpro-10", "distpro", 10 + DISTPRO_SEARCH, {"search_epochs": str(DISTPRO_SEARCH), "retrain_epochs": "10",
-                                                       "transform_at": "smaller"}),
-    Arm("distpro-equal-10", "distpro", 10, {"schedule": "equal", "retrain_epochs": "10", "transform_at": "smaller"}),
+    *teacher_free_arms(80, "-80"),
+    *distpro_arms(10, "-10"),  # DistPro's paper finds its largest gain at short schedules (+3.22 points at 10 epochs)
 ]}
 
 # (claim, paper's arm, the arm it claims to beat); "kd" for MLD's 10-epoch run: reach KD's final in half its epochs
