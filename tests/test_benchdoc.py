@@ -45,6 +45,6 @@ def test_a_run_another_process_holds_is_skipped_without_waiting(tmp_path, monkey
         finally:
             signal.alarm(0)
     assert not run.exists()  # nothing trained, nothing half-written
-    (run).mkdir()
+    run.mkdir()
     (run / "summary.json").write_text(json.dumps({"test_acc": 0.5}))
     assert benchdoc.ensure_run(run, wait=False) == {"test_acc": 0.5}  # free again: the finished run is reused
