@@ -41,7 +41,8 @@ def run_header(threads: int) -> list[str]:
 ARCHIVE = Path(__file__).resolve().parent.parent / "bench-runs"
 # the strong teacher of "Distillation pays" (EfficientNet-Lite0 at 64 px, 93.0%), reused by other benchmarks
 DISTILL_PAYS_TEACHER = ARCHIVE / "bench_distill_pays" / "teacher-full" / "teacher"
-RECORDS = ("config.yaml", "summary.json", "metrics.jsonl")
+# process.json: the weights DistPro searched, which its readings cite
+RECORDS = ("config.yaml", "summary.json", "metrics.jsonl", "process.json")
 
 
 def archive_path(run_dir: Path) -> Path | None:
