@@ -118,7 +118,8 @@ def main() -> None:
 
     body = "\n".join([
         *run_header(args.threads),
-        f"{args.data}, {args.limit} training images (validation: 10% of the full training split, set aside first), full test split, 32 px; "
+        f"{args.data}, {args.limit} training images (validation: 10% of the full training split, set aside "
+        f"first), full test split, 32 px; "
         f"teacher `{args.teacher}` trained once (test accuracy {100 * teacher['test_acc']:.2f}%); every run "
         f"{args.epochs} epochs in total, SGD lr {args.lr} cosine (restarted per MLD phase), batch 128, seeds "
         f"{args.seeds}. MLD: {args.mask_epochs} mask epoch(s), {args.local_epochs} local-distillation epoch(s), the "

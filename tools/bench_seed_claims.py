@@ -133,7 +133,8 @@ TABLES = [["scratch", "kd"], ["mld", "mld-10", "kd-10"], ["sskd", "sskd-multilos
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default="mobilenetv3_small_050")
-    p.add_argument("--limit", type=int, default=10000, help="training images, drawn after 10%% of the full training split is set aside for validation")
+    p.add_argument("--limit", type=int, default=10000,
+                   help="training images, drawn after 10%% of the full training split is set aside for validation")
     p.add_argument("--resolution", type=int, default=64,
                    help="the teacher's resolution: feature methods need both alike")
     p.add_argument("--variants", type=int, default=4, help="augmented views per image whose teacher outputs are cached")
@@ -261,7 +262,8 @@ def report(args) -> None:
              "the pending ones and writes the same tables.\n\n" if args.report else "")
     body = "\n".join([
         *run_header(args.threads),
-        rerun + f"`fashion-mnist`, {args.limit} training images (validation: 10% of the full training split, 6000 images, set aside first), the full test split, "
+        rerun + f"`fashion-mnist`, {args.limit} training images (validation: 10% of the full training split, set "
+        f"aside first), the full test split, "
         f"{args.resolution} px. Student `{args.student}` (standard stride-2 stem: at 64 px it costs what the MCU stem "
         f"costs at 32 px), SGD lr 0.05 cosine (warm-up 0.5 epoch), batch 128, seeds {args.seeds}, crop/flip "
         f"augmentation. Teacher: the Distillation-pays `efficientnet_lite0` at {args.resolution} px "
